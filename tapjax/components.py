@@ -1,0 +1,129 @@
+"""Components are data: ids per trainable leaf, holder and usage matrices.
+
+A *component* is a named group of trainable leaves that moves as one unit in
+TAP (an encoder, ``shared_proj``, a fusion block, an expert, a head). The model
+declares them once with path rules; downstream code sees only integer leaf ids
+and boolean matrices:
+
+* ``leaf_ids``: a pytree shaped like the trainable parameters whose leaves are
+  Python ints, the component index of each leaf.
+* ``usage``: ``[tasks, components]`` bool, which components task ``t``'s forward
+  pass uses.
+* ``holders``: ``[clients, components]`` bool, which components a client holds
+  (the union over its tasks of the usage rows).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Collection, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def path_str(path) -> str:
+  """``'a/b/c'`` for a ``jax.tree_util`` key path."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Leaves whose ``'/'``-joined path matches ``pattern`` (``re.search``) belong
+  to the component ``re.Match.expand(component)`` (so ``\\1`` refers to groups)."""
+  pattern: str
+  component: str
+
+
+def assign_components(params: PyTree, rules: Sequence[Rule]) -> tuple[tuple[str, ...], PyTree]:
+  """Component names and a pytree of leaf ids from path rules (first match wins).
+
+  Args:
+    params: any pytree of trainable arrays.
+    rules: ordered rules.
+
+  Returns:
+    ``(names, leaf_ids)``: sorted unique component names, and a pytree with the
+    structure of ``params`` whose leaves are ``int`` indices into ``names``.
+
+  Raises:
+    ValueError: listing every leaf path that no rule matches.
+  """
+  compiled = [(re.compile(r.pattern), r.component) for r in rules]
+  paths_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  comp_of_leaf, unmatched = [], []
+  for path, _ in paths_leaves:
+    p = path_str(path)
+    for rx, template in compiled:
+      m = rx.search(p)
+      if m:
+        comp_of_leaf.append(m.expand(template))
+        break
+    else:
+      unmatched.append(p)
+  if unmatched:
+    raise ValueError(
+        f"{len(unmatched)} trainable leaves match no component rule, e.g. {unmatched[:5]}. "
+        "Add a Rule whose pattern matches these paths.")
+  names = tuple(sorted(set(comp_of_leaf)))
+  index = {n: i for i, n in enumerate(names)}
+  treedef = jax.tree_util.tree_structure(params)
+  leaf_ids = jax.tree_util.tree_unflatten(treedef, [index[c] for c in comp_of_leaf])
+  return names, leaf_ids
+
+
+def usage_matrix(names: Sequence[str], task_uses: Sequence[Collection[str]]) -> np.ndarray:
+  """``[tasks, components]`` bool from, per task, the names of the components it uses.
+
+  Raises:
+    ValueError: if a task names a component that does not exist.
+  """
+  index = {n: i for i, n in enumerate(names)}
+  usage = np.zeros((len(task_uses), len(names)), bool)
+  for t, uses in enumerate(task_uses):
+    unknown = sorted(set(uses) - set(index))
+    if unknown:
+      raise ValueError(f"task {t} uses unknown components {unknown}; known: {list(names)}")
+    usage[t, [index[u] for u in uses]] = True
+  return usage
+
+
+def holders(client_tasks, usage):
+  """``[clients, components]`` bool: a client holds every component one of its tasks uses.
+
+  Args:
+    client_tasks: ``[clients, tasks]`` bool.
+    usage: ``[tasks, components]`` bool.
+  """
+  xp = jnp if isinstance(client_tasks, jax.Array) or isinstance(usage, jax.Array) else np
+  return xp.any(xp.asarray(client_tasks)[:, :, None] & xp.asarray(usage)[None], axis=1)
+
+
+def leaf_mask(component_mask: jax.Array, leaf_ids: PyTree) -> PyTree:
+  """Expand ``[..., components]`` to a pytree of ``[...]`` masks, one per leaf."""
+  return jax.tree_util.tree_map(lambda i: component_mask[..., i], leaf_ids)
+
+
+def select(mask_by_component: jax.Array, on_true: PyTree, on_false: PyTree, leaf_ids: PyTree) -> PyTree:
+  """Per leaf, ``on_true`` where its component is set in ``mask_by_component [components]``."""
+  return jax.tree_util.tree_map(
+      lambda i, a, b: jnp.where(mask_by_component[i], a, b), leaf_ids, on_true, on_false)
+
+
+def num_params_per_component(params: PyTree, leaf_ids: PyTree, num_components: int) -> np.ndarray:
+  """``[components]`` int: parameter count of each component."""
+  counts = np.zeros(num_components, np.int64)
+  for i, x in zip(jax.tree_util.tree_leaves(leaf_ids), jax.tree_util.tree_leaves(params)):
+    counts[i] += int(np.prod(np.shape(x)))
+  return counts

@@ -1,0 +1,383 @@
+"""Federated state, cohort gather/scatter, and TAP and its baselines as
+``(init, round)`` pairs of pure functions.
+
+Per-client state is one pytree whose arrays lead with a ``[clients]`` axis. A
+round samples its cohort from ``(root key, round)`` alone, gathers the cohort's
+rows, trains them with a one-client function mapped by :class:`ClientMap`,
+scatters them back and aggregates. Structure (task set, step counts, cohort
+size, model) is static; numbers (margins, KD weights, learning rates, round,
+keys) are array arguments, so a jitted round compiles once.
+
+The library returns un-jitted functions; the caller jits (with donation)::
+
+  alg = tap(setup)
+  state = alg.init(params, num_clients)
+  round_fn = jax.jit(alg.round, donate_argnums=0)
+  for _ in range(rounds):
+    state, info = round_fn(state, frozen, data, hparams, root_key)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tapjax import aggregate, components, distill, local, personalize
+from tapjax.objective import Objective, supervised_loss
+from tapjax.rng import SERVER, Purpose, Stage, derive
+from tapjax.sharding import ClientMap
+
+PyTree = Any
+LOSS_RECORDS = ("mean", "share_weighted")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Setup:
+  """Static structure shared by every algorithm (changing it recompiles).
+
+  Attributes:
+    objective: the model's pure functions.
+    leaf_ids: pytree of int component ids, structured like the trainable params.
+    usage: ``[tasks, components]`` bool, components each task's forward pass uses.
+    local: stage-1 local training shape.
+    post: stage-2 (post-training and distillation) shape.
+    cohort_size: clients sampled per round.
+    client_map: how one-client functions are mapped.
+    server_optimizer: optax transform on the pseudo-gradient; ``None`` = FedAvg
+      (the mean is taken as is; equal to ``optax.sgd(1.0)``).
+    replace_usage: ``[tasks, components]`` used by the replacement rule; defaults
+      to ``usage``. The reference's component tracking differs from its forward
+      pass; its compatibility mode passes that matrix here.
+    loss_record: ``"mean"`` (each task's mean training loss feeds the rule) or
+      ``"share_weighted"`` (the reference: mean times the task's batch share).
+    broadcast: ``[components]`` bool, components the server sends; the others
+      reach clients at their initial value (the reference never delivers its
+      aggregated fusion). ``None`` = all.
+  """
+  objective: Objective
+  leaf_ids: PyTree
+  usage: np.ndarray
+  local: local.LocalConfig
+  post: local.LocalConfig
+  cohort_size: int
+  client_map: ClientMap = ClientMap()
+  server_optimizer: optax.GradientTransformation | None = None
+  replace_usage: np.ndarray | None = None
+  loss_record: str = "mean"
+  broadcast: np.ndarray | None = None
+
+  def __post_init__(self):
+    if self.loss_record not in LOSS_RECORDS:
+      raise ValueError(f"loss_record={self.loss_record!r}; choose one of {LOSS_RECORDS}")
+    if self.replace_usage is not None and np.shape(self.replace_usage) != np.shape(self.usage):
+      raise ValueError(f"replace_usage shape {np.shape(self.replace_usage)} != usage shape "
+                       f"{np.shape(self.usage)}")
+
+  @property
+  def num_tasks(self) -> int:
+    return int(np.shape(self.usage)[0])
+
+  @property
+  def num_components(self) -> int:
+    return int(np.shape(self.usage)[1])
+
+
+class HParams(NamedTuple):
+  """Dynamic hyperparameters (arrays: changing them never recompiles).
+
+  Build with :meth:`create`, which makes every field a float32 (non-weak) array; a
+  field replaced by a Python float or a weakly typed array changes the abstract
+  signature and triggers one retrace.
+  """
+  margin: jax.Array          # [tasks]
+  kd_weight: jax.Array       # [tasks] lambda_t
+  temperature: jax.Array     # scalar T
+  lr_min: jax.Array          # warm-up start
+  lr_peak: jax.Array
+  warmup_rounds: jax.Array
+  post_lr: jax.Array         # stage 2 (constant)
+
+  @classmethod
+  def create(cls, num_tasks: int, margin=0.01, kd_weight=2e-3, temperature=1.0, lr_min=1e-4,
+             lr_peak=3e-4, warmup_rounds=20, post_lr=1e-4) -> "HParams":
+    """Reference defaults (FLAVA); ``margin`` and ``kd_weight`` may be scalars or ``[tasks]``."""
+    f = lambda x: jnp.asarray(x, jnp.float32)
+    vec = lambda x: jnp.broadcast_to(f(x), (num_tasks,))
+    return cls(vec(margin), vec(kd_weight), f(temperature), f(lr_min), f(lr_peak),
+               f(warmup_rounds), f(post_lr))
+
+
+class FedData(NamedTuple):
+  """Every client's training data, padded to a common capacity."""
+  examples: dict             # {field: [clients, examples, ...]} with "task" [clients, examples]
+  num_examples: jax.Array    # [clients] valid examples (also the aggregation weights)
+  client_tasks: jax.Array    # [clients, tasks] bool
+
+
+class State(NamedTuple):
+  """The whole federation. ``personal`` is ``()`` for algorithms without personal models."""
+  round: jax.Array                 # scalar int32, rounds completed
+  server: aggregate.ServerState    # the global trainable params (+ server optimizer state)
+  initial: PyTree                  # the initial trainable params
+  personal: PyTree                 # [clients, ...]
+  student_loss: jax.Array          # [clients, tasks], +inf before a client's first training
+  replaced_tasks: jax.Array        # [clients, tasks] int32, cumulative replacements
+  replaced_components: jax.Array   # [clients, components] int32, cumulative
+
+
+class RoundInfo(NamedTuple):
+  """What a round did, for logs and the appendix figures."""
+  clients: jax.Array               # [cohort] global client ids
+  lr: jax.Array                    # scalar
+  global_loss: jax.Array           # [cohort, tasks] loss record of the locally trained global copy
+  personal_loss: jax.Array         # [cohort, tasks] loss record of the personal model
+  active: jax.Array                # [cohort, tasks] bool, tasks seen this round
+  replaced: jax.Array              # [cohort, tasks] bool
+  replaced_components: jax.Array   # [cohort, components] bool
+
+
+class Algorithm(NamedTuple):
+  """``init(params, num_clients) -> State``;
+  ``round(state, frozen, data, hparams, root_key) -> (State, RoundInfo)``."""
+  init: Callable[..., State]
+  round: Callable[..., tuple[State, RoundInfo]]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sample_cohort(root: jax.Array, round_: jax.Array, num_clients: int, cohort_size: int) -> jax.Array:
+  """``[cohort]`` distinct client ids drawn uniformly from ``(root, round)`` alone."""
+  key = derive(root, Stage.FEDERATED, round_, SERVER, Purpose.COHORT)
+  return jax.random.choice(key, num_clients, (cohort_size,), replace=False).astype(jnp.int32)
+
+
+def gather(tree: PyTree, ids: jax.Array) -> PyTree:
+  """Rows ``ids`` of every ``[clients, ...]`` leaf."""
+  return jax.tree_util.tree_map(lambda x: x[ids], tree)
+
+
+def scatter(tree: PyTree, ids: jax.Array, rows: PyTree) -> PyTree:
+  """``tree`` with rows ``ids`` set to ``rows`` (in place under donation)."""
+  return jax.tree_util.tree_map(lambda x, v: x.at[ids].set(v), tree, rows)
+
+
+def stack(tree: PyTree, num_clients: int) -> PyTree:
+  """A ``[clients, ...]`` copy of an unstacked pytree for every client."""
+  return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), tree)
+
+
+def select_key(pred: jax.Array, on_true: jax.Array, on_false: jax.Array) -> jax.Array:
+  """``jnp.where`` for PRNG keys (typed or raw)."""
+  typed = jnp.issubdtype(on_true.dtype, jax.dtypes.prng_key)
+  a = jax.random.key_data(on_true) if typed else on_true
+  b = jax.random.key_data(on_false) if typed else on_false
+  out = jnp.where(pred, a, b)
+  return jax.random.wrap_key_data(out, impl=jax.random.key_impl(on_true)) if typed else out
+
+
+def final_global(setup: Setup, state: State) -> PyTree:
+  """The global trainable params as clients receive them (see ``Setup.broadcast``)."""
+  if setup.broadcast is None:
+    return state.server.params
+  return components.select(jnp.asarray(setup.broadcast), state.server.params, state.initial,
+                           setup.leaf_ids)
+
+
+def _record(setup: Setup, res: local.TrainResult) -> jax.Array:
+  return res.task_mean() if setup.loss_record == "mean" else res.share_weighted()
+
+
+def _init_state(params: PyTree, num_clients: int, setup: Setup, with_personal: bool) -> State:
+  return State(
+      round=jnp.zeros((), jnp.int32),
+      server=aggregate.server_init(params, setup.server_optimizer),
+      initial=params,
+      personal=stack(params, num_clients) if with_personal else (),
+      student_loss=personalize.initial_student_loss(num_clients, setup.num_tasks),
+      replaced_tasks=jnp.zeros((num_clients, setup.num_tasks), jnp.int32),
+      replaced_components=jnp.zeros((num_clients, setup.num_components), jnp.int32))
+
+
+class _Cohort(NamedTuple):
+  ids: jax.Array          # [cohort]
+  examples: dict          # [cohort, examples, ...]
+  num_examples: jax.Array  # [cohort]
+  tasks: jax.Array        # [cohort, tasks]
+  held: jax.Array         # [cohort, components]
+  lr: jax.Array
+
+
+def _cohort(setup: Setup, state: State, data: FedData, hp: HParams, root: jax.Array) -> _Cohort:
+  num_clients = data.num_examples.shape[0]
+  ids = sample_cohort(root, state.round, num_clients, setup.cohort_size)
+  held = components.holders(jnp.asarray(data.client_tasks, bool), jnp.asarray(setup.usage))
+  lr = local.warmup_lr(state.round, hp.lr_min, hp.lr_peak, hp.warmup_rounds)
+  return _Cohort(ids, gather(data.examples, ids), data.num_examples[ids],
+                 jnp.asarray(data.client_tasks, bool)[ids], held[ids], lr)
+
+
+def _train_one(setup: Setup, loss_fn, params, cid, examples, n, held, lr, root, stage, round_,
+               data_purpose, dropout_purpose, data_key=None) -> local.TrainResult:
+  key = functools.partial(derive, root, stage, round_, cid)
+  data_key = key(data_purpose) if data_key is None else data_key
+  cfg = setup.local if stage == Stage.FEDERATED else setup.post
+  return local.train(loss_fn, params, examples, n, data_key, key(dropout_purpose), lr, cfg,
+                     setup.num_tasks, components.leaf_mask(held, setup.leaf_ids))
+
+
+def _aggregate(setup: Setup, state: State, trained: PyTree, c: _Cohort) -> aggregate.ServerState:
+  agg = aggregate.masked_mean(trained, c.held, c.num_examples, setup.leaf_ids, state.server.params)
+  return aggregate.server_update(state.server, agg, setup.leaf_ids, setup.server_optimizer)
+
+
+# ----------------------------------------------------------------------------- algorithms
+
+
+def tap(setup: Setup) -> Algorithm:
+  """TAP stage 1: FedAvg on the global model plus per-client replacement into
+  personal models (REFERENCE.md section 3). Only the global copy is uploaded, so
+  ``state.server`` follows exactly the trajectory of :func:`fedavg` with the same key."""
+  rule_usage = setup.usage if setup.replace_usage is None else setup.replace_usage
+
+  def init(params: PyTree, num_clients: int) -> State:
+    return _init_state(params, num_clients, setup, with_personal=True)
+
+  def round_(state: State, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
+    c = _cohort(setup, state, data, hp, root)
+    loss_fn = supervised_loss(setup.objective, frozen)
+    start = final_global(setup, state)
+    train = functools.partial(_train_one, setup, loss_fn, lr=c.lr, root=root,
+                              stage=Stage.FEDERATED, round_=state.round)
+
+    def client(cid, personal, student_loss, examples, n, has_task, held):
+      g = train(start, cid, examples, n, held, data_purpose=Purpose.GLOBAL_DATA,
+                dropout_purpose=Purpose.GLOBAL_DROPOUT)
+      g_loss = _record(setup, g)
+      active = has_task & (g.task_count > 0)
+      rep = personalize.replace(personal, g.params, g_loss, student_loss, hp.margin, active,
+                                jnp.asarray(rule_usage), held, setup.leaf_ids)
+      # Same batches as the global copy unless something was replaced (the reference).
+      key = functools.partial(derive, root, Stage.FEDERATED, state.round, cid)
+      data_key = select_key(jnp.any(rep.tasks), key(Purpose.PERSONAL_DATA), key(Purpose.GLOBAL_DATA))
+      p = train(rep.params, cid, examples, n, held, data_purpose=None,
+                dropout_purpose=Purpose.PERSONAL_DROPOUT, data_key=data_key)
+      p_loss = _record(setup, p)
+      p_active = has_task & (p.task_count > 0)
+      new_student = jnp.where(p_active, p_loss, student_loss)
+      return g.params, p.params, new_student, (g_loss, p_loss, active, rep.tasks, rep.components)
+
+    g_params, personal, student, (g_loss, p_loss, active, rep_t, rep_c) = setup.client_map(client)(
+        c.ids, gather(state.personal, c.ids), state.student_loss[c.ids], c.examples,
+        c.num_examples, c.tasks, c.held)
+    new = state._replace(
+        round=state.round + 1,
+        server=_aggregate(setup, state, g_params, c),
+        personal=scatter(state.personal, c.ids, personal),
+        student_loss=state.student_loss.at[c.ids].set(student),
+        replaced_tasks=state.replaced_tasks.at[c.ids].add(rep_t.astype(jnp.int32)),
+        replaced_components=state.replaced_components.at[c.ids].add(rep_c.astype(jnp.int32)))
+    return new, RoundInfo(c.ids, c.lr, g_loss, p_loss, active, rep_t, rep_c)
+
+  return Algorithm(init, round_)
+
+
+def fedavg(setup: Setup) -> Algorithm:
+  """FedAvg (or FedOpt with ``setup.server_optimizer``): the global model only."""
+
+  def init(params: PyTree, num_clients: int) -> State:
+    return _init_state(params, num_clients, setup, with_personal=False)
+
+  def round_(state: State, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
+    c = _cohort(setup, state, data, hp, root)
+    loss_fn = supervised_loss(setup.objective, frozen)
+    start = final_global(setup, state)
+
+    def client(cid, examples, n, has_task, held):
+      g = _train_one(setup, loss_fn, start, cid, examples, n, held, c.lr, root, Stage.FEDERATED,
+                     state.round, Purpose.GLOBAL_DATA, Purpose.GLOBAL_DROPOUT)
+      return g.params, _record(setup, g), has_task & (g.task_count > 0)
+
+    g_params, g_loss, active = setup.client_map(client)(c.ids, c.examples, c.num_examples,
+                                                         c.tasks, c.held)
+    new = state._replace(round=state.round + 1, server=_aggregate(setup, state, g_params, c))
+    none = jnp.zeros_like(active)
+    return new, RoundInfo(c.ids, c.lr, g_loss, jnp.full_like(g_loss, jnp.nan), active, none,
+                          jnp.zeros((setup.cohort_size, setup.num_components), bool))
+
+  return Algorithm(init, round_)
+
+
+def local_only(setup: Setup) -> Algorithm:
+  """Local only: the sampled clients train their own models; nothing is shared."""
+
+  def init(params: PyTree, num_clients: int) -> State:
+    return _init_state(params, num_clients, setup, with_personal=True)
+
+  def round_(state: State, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
+    c = _cohort(setup, state, data, hp, root)
+    loss_fn = supervised_loss(setup.objective, frozen)
+
+    def client(cid, personal, examples, n, has_task, held):
+      p = _train_one(setup, loss_fn, personal, cid, examples, n, held, c.lr, root, Stage.FEDERATED,
+                     state.round, Purpose.LOCAL_DATA, Purpose.LOCAL_DROPOUT)
+      return p.params, _record(setup, p), has_task & (p.task_count > 0)
+
+    personal, p_loss, active = setup.client_map(client)(
+        c.ids, gather(state.personal, c.ids), c.examples, c.num_examples, c.tasks, c.held)
+    new = state._replace(round=state.round + 1, personal=scatter(state.personal, c.ids, personal))
+    none = jnp.zeros_like(active)
+    return new, RoundInfo(c.ids, c.lr, jnp.full_like(p_loss, jnp.nan), p_loss, active, none,
+                          jnp.zeros((setup.cohort_size, setup.num_components), bool))
+
+  return Algorithm(init, round_)
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def post_train(setup: Setup) -> Callable[..., PyTree]:
+  """``(global_params, frozen, data, hparams, root) -> [clients, ...]``: every client
+  fine-tunes its slice of the global model on its own data (``setup.post`` steps at
+  ``hparams.post_lr``). This is the "FedAvg + post-train" model and TAP's KD teacher."""
+
+  def run(global_params: PyTree, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
+    held = components.holders(jnp.asarray(data.client_tasks, bool), jnp.asarray(setup.usage))
+    loss_fn = supervised_loss(setup.objective, frozen)
+    ids = jnp.arange(data.num_examples.shape[0], dtype=jnp.int32)
+
+    def client(cid, examples, n, held_c):
+      return _train_one(setup, loss_fn, global_params, cid, examples, n, held_c, hp.post_lr, root,
+                        Stage.POST, 0, Purpose.TEACHER_DATA, Purpose.TEACHER_DROPOUT).params
+
+    return setup.client_map(client)(ids, data.examples, data.num_examples, held)
+
+  return run
+
+
+def distill_personal(setup: Setup) -> Callable[..., PyTree]:
+  """``(personal, teachers, frozen, data, hparams, root) -> [clients, ...]``: TAP stage 2.
+  Each personal model fine-tunes on the same batches as its teacher with task loss +
+  ``kd_weight[task]`` * KD(teacher || student). ``kd_weight = 0`` is "TAP without KD"
+  (same compiled program)."""
+
+  def run(personal: PyTree, teachers: PyTree, frozen: PyTree, data: FedData, hp: HParams,
+          root: jax.Array):
+    held = components.holders(jnp.asarray(data.client_tasks, bool), jnp.asarray(setup.usage))
+    ids = jnp.arange(data.num_examples.shape[0], dtype=jnp.int32)
+
+    def client(cid, params, teacher, examples, n, held_c):
+      key = functools.partial(derive, root, Stage.POST, 0, cid)
+      return distill.distill(setup.objective, params, teacher, frozen, examples, n,
+                             key(Purpose.TEACHER_DATA), key(Purpose.STUDENT_DROPOUT), hp.post_lr,
+                             setup.post, hp.kd_weight, hp.temperature, setup.num_tasks,
+                             components.leaf_mask(held_c, setup.leaf_ids)).params
+
+    return setup.client_map(client)(ids, personal, teachers, data.examples, data.num_examples, held)
+
+  return run

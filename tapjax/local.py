@@ -1,0 +1,141 @@
+"""One client's local training: a ``lax.scan`` over optimizer steps.
+
+AdamW (weight decay 0.01) after grad-norm clipping (1.0), gradient accumulation
+as an inner ``lax.scan`` over micro-batches, batches drawn as successive slices
+of a per-call random permutation of the client's examples (epochs without
+replacement, the way a shuffled ``DataLoader`` draws them). A batch mixes the
+client's tasks; the loss is the batch mean of per-example losses, which is
+exactly each task's mean loss weighted by its share of the batch. The per-task
+mean training losses are returned: they feed TAP's replacement rule.
+
+Write for one client; map over clients with :mod:`tapjax.sharding`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tapjax.objective import LossFn
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalConfig:
+  """Static shape of a local training call (changing it recompiles)."""
+  steps: int            # optimizer steps
+  batch_size: int       # examples per micro-batch
+  accum: int = 1        # micro-batches per step (gradient accumulation)
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+
+
+class TrainResult(NamedTuple):
+  """Trained parameters and the per-task training-loss record of one call."""
+  params: PyTree
+  task_loss_sum: jax.Array  # [tasks] sum of per-example training losses (train mode)
+  task_count: jax.Array     # [tasks] examples of each task seen
+  num_seen: jax.Array       # scalar, examples seen in all (steps * accum * batch_size)
+
+  def task_mean(self) -> jax.Array:
+    """``[tasks]`` mean loss of each task's examples (0 where a task was not seen)."""
+    return jnp.where(self.task_count > 0, self.task_loss_sum / jnp.maximum(self.task_count, 1), 0.0)
+
+  def share_weighted(self) -> jax.Array:
+    """``[tasks]`` the reference's record: ``sum_t / all examples seen``, i.e. each
+    task's mean loss times its share of the batches (its ``teacher_loss``)."""
+    return self.task_loss_sum / self.num_seen
+
+
+def warmup_lr(round_: jax.Array, min_lr: jax.Array, peak_lr: jax.Array,
+              warmup_rounds: jax.Array) -> jax.Array:
+  """The reference's per-round LR: linear from ``min_lr`` at round 0 to ``peak_lr``
+  at round ``warmup_rounds``, then constant. All arguments may be traced."""
+  frac = jnp.clip(round_ / jnp.maximum(warmup_rounds, 1), 0.0, 1.0)
+  return min_lr + (peak_lr - min_lr) * frac
+
+
+def optimizer(lr: jax.Array, cfg: LocalConfig) -> optax.GradientTransformation:
+  """Clip-by-global-norm then AdamW; ``lr`` may be a traced scalar."""
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                     optax.adamw(lr, weight_decay=cfg.weight_decay))
+
+
+def example_order(key: jax.Array, num_examples: jax.Array, capacity: int) -> jax.Array:
+  """``[capacity]`` int: a random permutation of ``0..num_examples-1`` followed by padding."""
+  u = jax.random.uniform(key, (capacity,))
+  u = jnp.where(jnp.arange(capacity) < num_examples, u, 2.0)
+  return jnp.argsort(u)
+
+
+def take_batch(data: PyTree, order: jax.Array, num_examples: jax.Array, start: jax.Array,
+               size: int) -> PyTree:
+  """Examples ``order[start : start + size]`` (cycling over the first ``num_examples``)."""
+  pos = (start + jnp.arange(size)) % jnp.maximum(num_examples, 1)
+  idx = order[pos]
+  return jax.tree_util.tree_map(lambda x: x[idx], data)
+
+
+def train(loss_fn: LossFn, params: PyTree, data: PyTree, num_examples: jax.Array,
+          data_key: jax.Array, dropout_key: jax.Array, lr: jax.Array, cfg: LocalConfig,
+          num_tasks: int, update_mask: PyTree | None = None) -> TrainResult:
+  """Train one client's parameters from a fresh optimizer state.
+
+  Args:
+    loss_fn: ``(params, batch, key) -> [batch]`` per-example losses.
+    params: the client's trainable pytree.
+    data: the client's examples, a dict of ``[examples, ...]`` arrays (zero padded)
+      with ``data["task"]`` ``[examples]`` int.
+    num_examples: scalar, valid examples in ``data``.
+    data_key: which batches are drawn.
+    dropout_key: randomness inside ``loss_fn`` (folded with step and micro-batch).
+    lr: scalar learning rate (traced: changing it does not recompile).
+    cfg: static step counts and optimizer constants.
+    num_tasks: size of the task axis.
+    update_mask: optional pytree of scalar bools; leaves with ``False`` are never
+      changed (components the client does not hold: no gradient *and* no weight decay).
+
+  Returns:
+    :class:`TrainResult` with ``task_loss`` / ``task_count`` of shape ``[tasks]``.
+  """
+  tx = optimizer(lr, cfg)
+  capacity = jax.tree_util.tree_leaves(data)[0].shape[0]
+  order = example_order(data_key, num_examples, capacity)
+
+  def micro(p, step, j):
+    start = (step * cfg.accum + j) * cfg.batch_size
+    batch = take_batch(data, order, num_examples, start, cfg.batch_size)
+    key = jax.random.fold_in(jax.random.fold_in(dropout_key, step), j)
+
+    def objective(q):
+      per_example = loss_fn(q, batch, key)
+      return jnp.mean(per_example), per_example
+
+    (_, per_example), grads = jax.value_and_grad(objective, has_aux=True)(p)
+    onehot = jax.nn.one_hot(batch["task"], num_tasks, dtype=per_example.dtype)   # [batch, tasks]
+    return grads, per_example @ onehot, jnp.sum(onehot, axis=0)
+
+  def step(carry, step_idx):
+    p, opt_state, loss_sum, count = carry
+
+    def accumulate(acc, j):
+      out = micro(p, step_idx, j)
+      return jax.tree_util.tree_map(jnp.add, acc, out), None
+
+    zero = (jax.tree_util.tree_map(jnp.zeros_like, p), jnp.zeros(num_tasks), jnp.zeros(num_tasks))
+    (grads, ls, cs), _ = jax.lax.scan(accumulate, zero, jnp.arange(cfg.accum))
+    grads = jax.tree_util.tree_map(lambda g: g / cfg.accum, grads)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    new_p = optax.apply_updates(p, updates)
+    if update_mask is not None:
+      new_p = jax.tree_util.tree_map(lambda m, a, b: jnp.where(m, a, b), update_mask, new_p, p)
+    return (new_p, opt_state, loss_sum + ls, count + cs), None
+
+  init = (params, tx.init(params), jnp.zeros(num_tasks), jnp.zeros(num_tasks))
+  (params, _, loss_sum, count), _ = jax.lax.scan(step, init, jnp.arange(cfg.steps))
+  seen = jnp.asarray(cfg.steps * cfg.accum * cfg.batch_size, jnp.float32)
+  return TrainResult(params, loss_sum, count, seen)

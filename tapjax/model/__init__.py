@@ -1,0 +1,1 @@
+"""Flax models, component rules and weight converters (edge layer)."""
