@@ -194,10 +194,11 @@ def _record(setup: Setup, res: local.TrainResult) -> jax.Array:
 
 
 def _init_state(params: PyTree, num_clients: int, setup: Setup, with_personal: bool) -> State:
+  own = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)   # states are donated: never alias
   return State(
       round=jnp.zeros((), jnp.int32),
-      server=aggregate.server_init(params, setup.server_optimizer),
-      initial=params,
+      server=aggregate.server_init(own(params), setup.server_optimizer),
+      initial=own(params),
       personal=stack(params, num_clients) if with_personal else (),
       student_loss=personalize.initial_student_loss(num_clients, setup.num_tasks),
       replaced_tasks=jnp.zeros((num_clients, setup.num_tasks), jnp.int32),

@@ -14,8 +14,10 @@ PyTree = Any
 
 def per_task_sums(values: jax.Array, task: jax.Array, valid: jax.Array, num_tasks: int):
   """``([tasks], [tasks])``: sums of ``values [examples]`` and counts per task over valid examples."""
-  onehot = jax.nn.one_hot(task, num_tasks, dtype=jnp.float32) * valid[:, None]   # [examples, tasks]
-  return values.astype(jnp.float32) @ onehot, jnp.sum(onehot, axis=0)
+  onehot = (jax.nn.one_hot(task, num_tasks) * valid[:, None]) > 0      # [examples, tasks]
+  # where, not a matmul: a NaN in one example must not leak into other tasks' sums
+  sums = jnp.sum(jnp.where(onehot, values.astype(jnp.float32)[:, None], 0.0), axis=0)
+  return sums, jnp.sum(onehot, axis=0).astype(jnp.float32)
 
 
 def masked_task_mean(values: jax.Array, present: jax.Array) -> jax.Array:
