@@ -97,6 +97,7 @@ def stage1(alg, w, rounds, desc, log=None):
   history = []
   for r in tqdm(range(rounds), desc=desc, unit="round"):
     state, info = round_fn(state, w["frozen"], w["train"], w["hp"], w["root"])
+    jax.block_until_ready(info)   # honest progress bars
     if log is not None:
       counts = _kind_counts(info.replaced, info.clients, w["fed"])
       for k, v in counts.items():
@@ -147,16 +148,22 @@ def run_experiment(cfg, log_path: pathlib.Path | None = None):
     tap_state, history = stage1(tapjax.tap(setup), w, cfg.rounds, "TAP stage 1", log)
   local_state, _ = stage1(tapjax.local_only(setup), w, cfg.rounds, "Local only")
   final_global = tapjax.final_global(setup, tap_state)
-  post = jax.jit(tapjax.post_train(setup))
-  dist = jax.jit(tapjax.distill_personal(setup))
-  bar = tqdm(total=3, desc="stage 2", unit="phase")
-  teachers = post(final_global, w["frozen"], w["train"], hp, w["root"]); bar.update()
-  tap_personal = dist(tap_state.personal, teachers, w["frozen"], w["train"], hp, w["root"]); bar.update()
-  no_kd = hp._replace(kd_weight=jnp.zeros_like(hp.kd_weight))
-  tap_no_kd = dist(tap_state.personal, teachers, w["frozen"], w["train"], no_kd, w["root"]); bar.update()
-  bar.close()
   n = w["fed"].num_clients
-  models = {"local": local_state.personal, "fedavg": tapjax.federation.stack(final_global, n),
+  # Stage 2 runs three times through ONE compiled program: post-training is
+  # distillation with lambda = 0 (its teacher is itself and the KD term vanishes),
+  # on the same batches as tapjax.post_train; TAP without KD is lambda = 0 too.
+  dist = jax.jit(tapjax.distill_personal(setup))
+  no_kd = hp._replace(kd_weight=jnp.zeros_like(hp.kd_weight))
+  global_slices = tapjax.federation.stack(final_global, n)
+  bar = tqdm(total=3, desc="stage 2", unit="phase")
+  teachers = jax.block_until_ready(
+      dist(global_slices, global_slices, w["frozen"], w["train"], no_kd, w["root"])); bar.update()
+  tap_personal = jax.block_until_ready(
+      dist(tap_state.personal, teachers, w["frozen"], w["train"], hp, w["root"])); bar.update()
+  tap_no_kd = jax.block_until_ready(
+      dist(tap_state.personal, teachers, w["frozen"], w["train"], no_kd, w["root"])); bar.update()
+  bar.close()
+  models = {"local": local_state.personal, "fedavg": global_slices,
             "fedavg_post": teachers, "tap_no_kd": tap_no_kd, "tap": tap_personal}
   evals = {m: evaluate(w, p, cfg) for m, p in tqdm(models.items(), desc="evaluate", unit="method")}
   fed = w["fed"]

@@ -61,6 +61,10 @@ def main(argv):
   cfg = FLAGS.config
   workdir = check_workdir(FLAGS.workdir, FLAGS.overwrite)
   # Heavy imports after argument checks, so a bad command fails in a second.
+  import jax
+  if cfg.get("compilation_cache"):
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   from experiments import run
   t0 = time.time()
   results, rounds_log = run.run_experiment(cfg, log_path=workdir / "metrics.jsonl.tmp")

@@ -224,11 +224,12 @@ def _cohort(setup: Setup, state: State, data: FedData, hp: HParams, root: jax.Ar
 
 
 def _train_one(setup: Setup, loss_fn, params, cid, examples, n, held, lr, root, stage, round_,
-               data_purpose, dropout_purpose, data_key=None) -> local.TrainResult:
+               data_purpose, dropout_purpose, data_key=None, dropout_key=None) -> local.TrainResult:
   key = functools.partial(derive, root, stage, round_, cid)
   data_key = key(data_purpose) if data_key is None else data_key
+  dropout_key = key(dropout_purpose) if dropout_key is None else dropout_key
   cfg = setup.local if stage == Stage.FEDERATED else setup.post
-  return local.train(loss_fn, params, examples, n, data_key, key(dropout_purpose), lr, cfg,
+  return local.train(loss_fn, params, examples, n, data_key, dropout_key, lr, cfg,
                      setup.num_tasks, components.leaf_mask(held, setup.leaf_ids))
 
 
@@ -257,21 +258,34 @@ def tap(setup: Setup) -> Algorithm:
                               stage=Stage.FEDERATED, round_=state.round)
 
     def client(cid, personal, student_loss, examples, n, has_task, held):
-      g = train(start, cid, examples, n, held, data_purpose=Purpose.GLOBAL_DATA,
-                dropout_purpose=Purpose.GLOBAL_DROPOUT)
-      g_loss = _record(setup, g)
-      active = has_task & (g.task_count > 0)
-      rep = personalize.replace(personal, g.params, g_loss, student_loss, hp.margin, active,
-                                jnp.asarray(rule_usage), held, setup.leaf_ids)
-      # Same batches as the global copy unless something was replaced (the reference).
       key = functools.partial(derive, root, Stage.FEDERATED, state.round, cid)
-      data_key = select_key(jnp.any(rep.tasks), key(Purpose.PERSONAL_DATA), key(Purpose.GLOBAL_DATA))
-      p = train(rep.params, cid, examples, n, held, data_purpose=None,
-                dropout_purpose=Purpose.PERSONAL_DROPOUT, data_key=data_key)
-      p_loss = _record(setup, p)
-      p_active = has_task & (p.task_count > 0)
-      new_student = jnp.where(p_active, p_loss, student_loss)
-      return g.params, p.params, new_student, (g_loss, p_loss, active, rep.tasks, rep.components)
+      where = lambda pred, a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+      def phase(carry, is_personal):
+        # Phase 0 trains the global copy. Phase 1 applies TAP's rule with phase 0's
+        # result and trains the personal model. One traced training body serves both
+        # (half the compile time of two call sites).
+        g_params, g_loss, active = carry
+        rep = personalize.replace(personal, g_params, g_loss, student_loss, hp.margin, active,
+                                  jnp.asarray(rule_usage), held, setup.leaf_ids)
+        src = where(is_personal, rep.params, start)
+        # The personal model sees the global copy's batches unless something was replaced.
+        data_key = select_key(is_personal & jnp.any(rep.tasks), key(Purpose.PERSONAL_DATA),
+                              key(Purpose.GLOBAL_DATA))
+        drop_key = select_key(is_personal, key(Purpose.PERSONAL_DROPOUT), key(Purpose.GLOBAL_DROPOUT))
+        res = train(src, cid, examples, n, held, data_purpose=None, dropout_purpose=None,
+                    data_key=data_key, dropout_key=drop_key)
+        rec = _record(setup, res)
+        seen = has_task & (res.task_count > 0)
+        carry = (where(is_personal, g_params, res.params), jnp.where(is_personal, g_loss, rec),
+                 jnp.where(is_personal, active, seen))
+        return carry, (res.params, rec, seen, rep.tasks & is_personal, rep.components & is_personal)
+
+      init = (start, jnp.zeros(setup.num_tasks), jnp.zeros(setup.num_tasks, bool))
+      _, (params, rec, seen, rep_t, rep_c) = jax.lax.scan(phase, init, jnp.array([False, True]))
+      g_params, p_params = (jax.tree_util.tree_map(lambda x: x[i], params) for i in (0, 1))
+      new_student = jnp.where(seen[1], rec[1], student_loss)
+      return g_params, p_params, new_student, (rec[0], rec[1], seen[0], rep_t[1], rep_c[1])
 
     g_params, personal, student, (g_loss, p_loss, active, rep_t, rep_c) = setup.client_map(client)(
         c.ids, gather(state.personal, c.ids), state.student_loss[c.ids], c.examples,

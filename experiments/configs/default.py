@@ -49,8 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.kd_weight_text_cls = 1.0      # lambda for text classification (reference 1.0)
   c.temperature = 1.0
   # --- execution
-  c.client_map = "vmap"           # "vmap", "map" (lax.map; batch = map_batch), or "shard"
+  c.client_map = "map"            # "vmap", "map" (lax.map; batch = map_batch), or "shard";
+                                  # map is 0.89x vmap's round time on 2 CPU cores (benchmarks/client_map.py)
   c.map_batch = 0                 # clients per lax.map step (0 = one at a time)
   c.eval_batch = 32
   c.plots = True
+  c.compilation_cache = "~/.cache/tapjax/xla"   # persistent XLA cache ("" = off): reruns skip compiling
   return c
