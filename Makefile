@@ -6,7 +6,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tapjax-installed
-WORKDIR ?= runs/demo
+WORKDIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test setup clean
 

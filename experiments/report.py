@@ -41,8 +41,12 @@ def plots(results: dict, history: list, workdir: pathlib.Path) -> list[pathlib.P
   out = []
   methods = [m for m in METHODS if m in results["methods"]]
   tasks = results["tasks"]
-  fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.8))
-  for ax, t in zip(axes, tasks):
+  ncols = min(4, len(tasks))
+  nrows = -(-len(tasks) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.6 * nrows), squeeze=False)
+  for ax in axes.flat[len(tasks):]:
+    ax.set_visible(False)
+  for ax, t in zip(axes.flat, tasks):
     metric = PRIMARY[t["kind"]]
     vals = [results["methods"][m]["task_means"][t["name"]][metric] for m in methods]
     best = (min if metric in LOWER_IS_BETTER else max)(vals)

@@ -221,3 +221,29 @@ def test_stage2_post_train_and_distill_and_evaluate(world):
     n = int(world["data"].num_examples[c])
     want = np.bincount(np.asarray(world["data"].examples["task"][c, :n]), minlength=toy.T)
     np.testing.assert_array_equal(counts[c], want)
+
+
+def test_broadcast_mask_sends_initial_values(world):
+  """Setup.broadcast=False components reach clients at their initial value (reference quirk 10)."""
+  setup, names, params = toy.make_setup()
+  shared = names.index("shared")
+  bc = np.ones(len(names), bool)
+  bc[shared] = False
+  quirky = toy.make_setup(broadcast=bc)[0]
+  state, _ = run(tapjax.tap(quirky), dict(world, setup=quirky), rounds=2)
+  sent = tapjax.final_global(quirky, state)
+  np.testing.assert_array_equal(sent["shared"]["w"], world["params"]["shared"]["w"])
+  assert not np.allclose(state.server.params["shared"]["w"], world["params"]["shared"]["w"])
+  np.testing.assert_array_equal(sent["enc_a"]["w"], state.server.params["enc_a"]["w"])
+  normal, _ = run(tapjax.tap(setup), world, rounds=2)
+  assert not np.allclose(normal.server.params["enc_a"]["w"], state.server.params["enc_a"]["w"])
+
+
+def test_replace_usage_limits_what_is_copied(world):
+  setup, names, params = toy.make_setup()
+  ru = np.array(setup.usage)
+  ru[:, names.index("shared")] = False
+  quirky = toy.make_setup(replace_usage=ru)[0]
+  state, _ = run(tapjax.tap(quirky), dict(world, setup=quirky), rounds=2)
+  assert int(state.replaced_components[:, names.index("shared")].sum()) == 0
+  assert int(state.replaced_components.sum()) > 0

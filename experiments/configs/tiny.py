@@ -13,6 +13,7 @@ def get_config(arg=None):
   c.image_size = 16
   c.text_len = 24
   c.rounds = 2
+  c.cohort_size = 2
   c.local_steps = 1
   c.batch_size = 4
   c.post_steps = 1

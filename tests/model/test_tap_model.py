@@ -195,3 +195,17 @@ def test_config_errors_are_clear():
     M.TapModelConfig(tasks=TASKS, domains=DOMAINS, backbone=BACKBONE, compat="pytorch")
   with pytest.raises(ValueError, match="needs 4 pretrained layers"):
     M.TapModelConfig(tasks=TASKS, domains=DOMAINS, backbone=BACKBONE, num_layers=2)
+
+
+def test_quirk7_text_kd_positions():
+  rng = np.random.default_rng(0)
+  t = [i for i, x in enumerate(TASKS) if x.kind == TaskKind.TEXT_GENERATION][0]
+  batch = batch_for([t])
+  batch["target_mask"] = jnp.asarray([[1, 1, 0, 0]], jnp.int32)
+  s = {"token_logits": jnp.asarray(rng.normal(size=(1, 4, 20)), jnp.float32)}
+  te = {"token_logits": jnp.asarray(rng.normal(size=(1, 4, 20)), jnp.float32)}
+  per_tok = np.asarray(tapjax.kd_divergence(s["token_logits"], te["token_logits"]))[0]
+  paper = M.TapModel(make("paper")[0]).divergence(s, te, batch, 1.0)
+  ref = M.TapModel(make("reference")[0]).divergence(s, te, batch, 1.0)
+  np.testing.assert_allclose(paper, [per_tok[:2].sum()], rtol=1e-5)
+  np.testing.assert_allclose(ref, [per_tok.sum()], rtol=1e-5)
