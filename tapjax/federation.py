@@ -302,6 +302,25 @@ def tap(setup: Setup) -> Algorithm:
   return Algorithm(init, round_)
 
 
+def _train_cohort(setup: Setup, c: _Cohort, starts: PyTree, frozen: PyTree, root: jax.Array,
+                  round_: jax.Array, data_purpose: int, dropout_purpose: int):
+  """One plain local training per cohort client from ``starts [cohort, ...]``:
+  ``(params [cohort, ...], loss record [cohort, tasks], seen [cohort, tasks])``."""
+  loss_fn = supervised_loss(setup.objective, frozen)
+
+  def client(cid, params, examples, n, has_task, held):
+    r = _train_one(setup, loss_fn, params, cid, examples, n, held, c.lr, root, Stage.FEDERATED,
+                   round_, data_purpose, dropout_purpose)
+    return r.params, _record(setup, r), has_task & (r.task_count > 0)
+
+  return setup.client_map(client)(c.ids, starts, c.examples, c.num_examples, c.tasks, c.held)
+
+
+def _no_replacement_info(setup: Setup, c: _Cohort, global_loss, personal_loss, active) -> RoundInfo:
+  return RoundInfo(c.ids, c.lr, global_loss, personal_loss, active, jnp.zeros_like(active),
+                   jnp.zeros((setup.cohort_size, setup.num_components), bool))
+
+
 def fedavg(setup: Setup) -> Algorithm:
   """FedAvg (or FedOpt with ``setup.server_optimizer``): the global model only."""
 
@@ -310,20 +329,11 @@ def fedavg(setup: Setup) -> Algorithm:
 
   def round_(state: State, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
     c = _cohort(setup, state, data, hp, root)
-    loss_fn = supervised_loss(setup.objective, frozen)
-    start = final_global(setup, state)
-
-    def client(cid, examples, n, has_task, held):
-      g = _train_one(setup, loss_fn, start, cid, examples, n, held, c.lr, root, Stage.FEDERATED,
-                     state.round, Purpose.GLOBAL_DATA, Purpose.GLOBAL_DROPOUT)
-      return g.params, _record(setup, g), has_task & (g.task_count > 0)
-
-    g_params, g_loss, active = setup.client_map(client)(c.ids, c.examples, c.num_examples,
-                                                         c.tasks, c.held)
+    starts = stack(final_global(setup, state), setup.cohort_size)
+    g_params, g_loss, active = _train_cohort(setup, c, starts, frozen, root, state.round,
+                                             Purpose.GLOBAL_DATA, Purpose.GLOBAL_DROPOUT)
     new = state._replace(round=state.round + 1, server=_aggregate(setup, state, g_params, c))
-    none = jnp.zeros_like(active)
-    return new, RoundInfo(c.ids, c.lr, g_loss, jnp.full_like(g_loss, jnp.nan), active, none,
-                          jnp.zeros((setup.cohort_size, setup.num_components), bool))
+    return new, _no_replacement_info(setup, c, g_loss, jnp.full_like(g_loss, jnp.nan), active)
 
   return Algorithm(init, round_)
 
@@ -336,19 +346,10 @@ def local_only(setup: Setup) -> Algorithm:
 
   def round_(state: State, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
     c = _cohort(setup, state, data, hp, root)
-    loss_fn = supervised_loss(setup.objective, frozen)
-
-    def client(cid, personal, examples, n, has_task, held):
-      p = _train_one(setup, loss_fn, personal, cid, examples, n, held, c.lr, root, Stage.FEDERATED,
-                     state.round, Purpose.LOCAL_DATA, Purpose.LOCAL_DROPOUT)
-      return p.params, _record(setup, p), has_task & (p.task_count > 0)
-
-    personal, p_loss, active = setup.client_map(client)(
-        c.ids, gather(state.personal, c.ids), c.examples, c.num_examples, c.tasks, c.held)
+    personal, p_loss, active = _train_cohort(setup, c, gather(state.personal, c.ids), frozen, root,
+                                             state.round, Purpose.LOCAL_DATA, Purpose.LOCAL_DROPOUT)
     new = state._replace(round=state.round + 1, personal=scatter(state.personal, c.ids, personal))
-    none = jnp.zeros_like(active)
-    return new, RoundInfo(c.ids, c.lr, jnp.full_like(p_loss, jnp.nan), p_loss, active, none,
-                          jnp.zeros((setup.cohort_size, setup.num_components), bool))
+    return new, _no_replacement_info(setup, c, jnp.full_like(p_loss, jnp.nan), p_loss, active)
 
   return Algorithm(init, round_)
 
