@@ -12,6 +12,11 @@ PRIMARY = {"image_classification": "accuracy", "text_classification": "accuracy"
            "image_generation": "mse", "text_generation": "token_accuracy"}
 
 
+def is_best(v: float, best: float) -> bool:
+  """Ties within 1e-4 (relative) all count as best."""
+  return abs(v - best) <= 1e-4 * max(1.0, abs(best))
+
+
 def table(results: dict) -> str:
   """Rows client x task (primary metric of the task's kind), columns methods; then per-task means."""
   methods = [m for m in METHODS if m in results["methods"]]
@@ -29,7 +34,7 @@ def table(results: dict) -> str:
     for metric in results["methods"][methods[0]]["task_means"][t["name"]]:
       vals = [results["methods"][m]["task_means"][t["name"]][metric] for m in methods]
       best = (min if metric in LOWER_IS_BETTER else max)(vals)
-      cells = "".join(f"{v:>11.4f}{'*' if v == best else ' '}" for v in vals)
+      cells = "".join(f"{v:>11.4f}{'*' if is_best(v, best) else ' '}" for v in vals)
       lines.append(f"{'mean':<8}{t['name']:<13}{metric:<15}{cells}")
   return "\n".join(lines)
 
@@ -50,7 +55,7 @@ def plots(results: dict, history: list, workdir: pathlib.Path) -> list[pathlib.P
     metric = PRIMARY[t["kind"]]
     vals = [results["methods"][m]["task_means"][t["name"]][metric] for m in methods]
     best = (min if metric in LOWER_IS_BETTER else max)(vals)
-    colors = ["tab:red" if v == best else "tab:gray" for v in vals]
+    colors = ["tab:red" if is_best(v, best) else "tab:gray" for v in vals]
     ax.bar(range(len(methods)), vals, color=colors)
     ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=45, ha="right")
     arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
