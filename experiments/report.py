@@ -1,7 +1,6 @@
 """The printed table and the PNG plots of an experiment's results."""
 from __future__ import annotations
 
-import math
 import pathlib
 
 METHODS = ("local", "fedavg", "fedavg_post", "tap_no_kd", "tap")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import sys
 import time
 
 from absl import app, flags
@@ -30,9 +29,6 @@ flags.DEFINE_string("workdir", None, "Output folder (created; must not hold resu
 flags.DEFINE_bool("overwrite", False, "Replace results already in --workdir.")
 
 OUTPUTS = ("metrics.jsonl", "results.json")
-METHODS = ("local", "fedavg", "fedavg_post", "tap_no_kd", "tap")
-METHOD_LABELS = {"local": "Local", "fedavg": "FedAvg", "fedavg_post": "FedAvg+post",
-                 "tap_no_kd": "TAP w/o KD", "tap": "TAP"}
 
 
 def check_workdir(workdir: str | None, overwrite: bool) -> pathlib.Path:

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import tapjax
-from tapjax import components
 
 D, H, C, T = 6, 8, 3, 3
 TASK_MODS = ((True, False), (False, True), (True, True))   # [tasks, (a, b)]

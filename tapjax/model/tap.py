@@ -41,7 +41,6 @@ COMPATS = ("paper", "reference")
 SHARED = "shared"
 MOTE_KEYS = MODALITIES + (SHARED,)       # MoTE blocks: one per modality + shared
 MOME_KEYS = TASK_GROUPS + (SHARED,)      # MoME blocks: one per task group + shared
-_IMG, _TXT = MODALITIES.index("image"), MODALITIES.index("text")
 
 
 @dataclasses.dataclass(frozen=True)
