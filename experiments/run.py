@@ -82,7 +82,7 @@ def build(cfg):
               setup=setup, hp=hp, train=train, test=test)
 
 
-def _kind_counts(replaced, clients, fed) -> dict:
+def _kind_counts(replaced, fed) -> dict:
   """Replacements this round per task kind (``replaced [cohort, tasks]``)."""
   out = {k.name.lower(): 0 for k in TaskKind}
   for t, task in enumerate(fed.tasks):
@@ -99,7 +99,7 @@ def stage1(alg, w, rounds, desc, log=None):
     state, info = round_fn(state, w["frozen"], w["train"], w["hp"], w["root"])
     jax.block_until_ready(info)   # honest progress bars
     if log is not None:
-      counts = _kind_counts(info.replaced, info.clients, w["fed"])
+      counts = _kind_counts(info.replaced, w["fed"])
       for k, v in counts.items():
         cumulative[k] += v
       active = np.asarray(info.active)
