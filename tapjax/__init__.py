@@ -7,7 +7,7 @@ The Flax model, data and checkpoint loading live in ``tapjax.model`` and
 """
 from tapjax import aggregate, components, distill, federation, local, metrics, personalize, rng, sharding
 from tapjax.aggregate import Aggregate, ServerState, masked_mean, server_init, server_update
-from tapjax.components import Rule, assign_components, holders, leaf_mask, usage_matrix
+from tapjax.components import Rule, assign_components, assign_named, holders, leaf_mask, usage_matrix
 from tapjax.distill import distill_loss, kd_divergence, kd_loss
 from tapjax.federation import (Algorithm, FedData, HParams, RoundInfo, Setup, State, distill_personal,
                                fedavg, final_global, local_only, post_train, sample_cohort, tap)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tapjax import components
+
 PyTree = Any
 
 
@@ -33,18 +35,19 @@ def masked_mean(stacked: PyTree, held: jax.Array, weights: jax.Array, leaf_ids: 
     stacked: pytree whose leaves are ``[clients, ...]``.
     held: ``[clients, components]`` bool, which client sent which component.
     weights: ``[clients]`` non-negative weights (dataset sizes).
-    leaf_ids: pytree of int component ids, structured like one client's params.
+    leaf_ids: pytree of component ids (ints, or int arrays for stacked leaves),
+      structured like one client's params.
     fallback: unstacked pytree used where a component was sent by nobody.
   """
   w = held.astype(jnp.float32) * weights.astype(jnp.float32)[:, None]   # [clients, components]
   total = jnp.sum(w, axis=0)                                               # [components]
   sent = total > 0
+  w = w / jnp.where(sent, total, 1.0)                                      # normalized per component
 
-  def leaf(i, x, fb):
-    wi = w[:, i]
-    num = jnp.tensordot(wi.astype(x.dtype), x, axes=1)
-    mean = num / jnp.where(sent[i], total[i], 1.0).astype(x.dtype)
-    return jnp.where(sent[i], mean, fb)
+  def leaf(ids, x, fb):
+    wi = components.broadcast_to_leaf(components.per_leaf(w, ids).astype(x.dtype), x)
+    mean = jnp.sum(wi * x, axis=0)            # one fused multiply-reduce over [clients]
+    return jnp.where(components.broadcast_to_leaf(components.per_leaf(sent, ids), fb), mean, fb)
 
   return Aggregate(jax.tree_util.tree_map(leaf, leaf_ids, stacked, fallback), sent)
 
@@ -70,6 +73,6 @@ def server_update(state: ServerState, agg: Aggregate, leaf_ids: PyTree,
     return ServerState(agg.mean, state.opt_state)
   pseudo_grad = jax.tree_util.tree_map(lambda p, m: p - m, state.params, agg.mean)
   updates, opt_state = optimizer.update(pseudo_grad, state.opt_state, state.params)
-  new = jax.tree_util.tree_map(
-      lambda i, p, u: jnp.where(agg.sent[i], p + u, p), leaf_ids, state.params, updates)
+  moved = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
+  new = components.select(agg.sent, moved, state.params, leaf_ids)
   return ServerState(new, opt_state)

@@ -5,8 +5,12 @@ TAP (an encoder, ``shared_proj``, a fusion block, an expert, a head). The model
 declares them once with path rules; downstream code sees only integer leaf ids
 and boolean matrices:
 
-* ``leaf_ids``: a pytree shaped like the trainable parameters whose leaves are
-  Python ints, the component index of each leaf.
+* ``leaf_ids``: a pytree shaped like the trainable parameters. A leaf is either
+  a Python int (the whole leaf is one component) or an int numpy array whose
+  shape is a *prefix* of the parameter's shape (a stacked leaf: slice
+  ``x[i, j, ...]`` belongs to component ``ids[i, j]``). Stacking repeated
+  components (experts, blocks, heads) into few leaves keeps the trainable tree
+  at tens of leaves, which is what keeps compile times short.
 * ``usage``: ``[tasks, components]`` bool, which components task ``t``'s forward
   pass uses.
 * ``holders``: ``[clients, components]`` bool, which components a client holds
@@ -44,6 +48,32 @@ class Rule:
   to the component ``re.Match.expand(component)`` (so ``\\1`` refers to groups)."""
   pattern: str
   component: str
+
+
+def assign_named(names_tree: PyTree) -> tuple[tuple[str, ...], PyTree]:
+  """Component names and leaf ids from a tree of component *names*.
+
+  Args:
+    names_tree: a pytree whose leaves are either a ``str`` (the whole parameter
+      leaf is that component) or a numpy array of ``str`` (a stacked leaf: one
+      name per slice along the parameter's leading axes). Wrap arrays in a
+      container the way the parameters are (numpy arrays are pytree leaves).
+
+  Returns:
+    ``(names, leaf_ids)``: sorted unique names, and the same tree with every name
+    replaced by its index (``int`` or an int array of the same shape).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(names_tree)
+  flat = sorted({str(n) for leaf in leaves for n in np.ravel(np.asarray(leaf, object))})
+  index = {n: i for i, n in enumerate(flat)}
+
+  def ids(leaf):
+    if isinstance(leaf, str):
+      return index[leaf]
+    arr = np.asarray(leaf, object)
+    return np.vectorize(lambda n: index[str(n)], otypes=[np.int32])(arr) if arr.size else arr.astype(np.int32)
+
+  return tuple(flat), jax.tree_util.tree_unflatten(treedef, [ids(l) for l in leaves])
 
 
 def assign_components(params: PyTree, rules: Sequence[Rule]) -> tuple[tuple[str, ...], PyTree]:
@@ -110,20 +140,43 @@ def holders(client_tasks, usage):
   return xp.any(xp.asarray(client_tasks)[:, :, None] & xp.asarray(usage)[None], axis=1)
 
 
+def per_leaf(values: jax.Array, ids) -> jax.Array:
+  """``values [..., components]`` read at one leaf's ids: ``[..., *ids.shape]``
+  (``[...]`` for an int id)."""
+  return values[..., ids]
+
+
+def broadcast_to_leaf(m: jax.Array, x: jax.Array) -> jax.Array:
+  """``m``, which covers ``x``'s first ``m.ndim`` axes, with trailing singleton axes
+  so it broadcasts against ``x``."""
+  m = jnp.asarray(m)
+  return m.reshape(m.shape + (1,) * (jnp.ndim(x) - m.ndim))
+
+
 def leaf_mask(component_mask: jax.Array, leaf_ids: PyTree) -> PyTree:
-  """Expand ``[..., components]`` to a pytree of ``[...]`` masks, one per leaf."""
-  return jax.tree_util.tree_map(lambda i: component_mask[..., i], leaf_ids)
+  """Expand ``[components]`` to a pytree of per-leaf masks (``[]`` for an int id,
+  ``ids.shape`` for a stacked leaf); apply with :func:`where`."""
+  return jax.tree_util.tree_map(lambda i: per_leaf(component_mask, i), leaf_ids)
+
+
+def where(mask_tree: PyTree, on_true: PyTree, on_false: PyTree) -> PyTree:
+  """Leafwise ``jnp.where`` with masks that cover a prefix of each leaf's axes."""
+  return jax.tree_util.tree_map(
+      lambda m, a, b: jnp.where(broadcast_to_leaf(m, a), a, b), mask_tree, on_true, on_false)
 
 
 def select(mask_by_component: jax.Array, on_true: PyTree, on_false: PyTree, leaf_ids: PyTree) -> PyTree:
-  """Per leaf, ``on_true`` where its component is set in ``mask_by_component [components]``."""
-  return jax.tree_util.tree_map(
-      lambda i, a, b: jnp.where(mask_by_component[i], a, b), leaf_ids, on_true, on_false)
+  """Per leaf (or slice of a stacked leaf), ``on_true`` where its component is set in
+  ``mask_by_component [components]``."""
+  return where(leaf_mask(mask_by_component, leaf_ids), on_true, on_false)
 
 
 def num_params_per_component(params: PyTree, leaf_ids: PyTree, num_components: int) -> np.ndarray:
-  """``[components]`` int: parameter count of each component."""
+  """``[components]`` int: parameter count of each component (stacked leaves count
+  each slice towards its own component)."""
   counts = np.zeros(num_components, np.int64)
   for i, x in zip(jax.tree_util.tree_leaves(leaf_ids), jax.tree_util.tree_leaves(params)):
-    counts[i] += int(np.prod(np.shape(x)))
+    ids = np.asarray(i)
+    per_slice = int(np.prod(np.shape(x)[ids.ndim:]))
+    np.add.at(counts, ids.ravel(), per_slice)
   return counts

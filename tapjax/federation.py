@@ -206,29 +206,30 @@ def _init_state(params: PyTree, num_clients: int, setup: Setup, with_personal: b
 
 
 class _Cohort(NamedTuple):
-  ids: jax.Array          # [cohort]
-  examples: dict          # [cohort, examples, ...]
+  """One round's sampled clients and their rows of the federation."""
+  ids: jax.Array           # [cohort] global client ids
+  examples: dict           # [cohort, examples, ...]
   num_examples: jax.Array  # [cohort]
-  tasks: jax.Array        # [cohort, tasks]
-  held: jax.Array         # [cohort, components]
-  lr: jax.Array
+  tasks: jax.Array         # [cohort, tasks] bool
+  held: jax.Array          # [cohort, components] bool
+  lr: jax.Array            # scalar, this round's local learning rate
+
+
+def client_holders(setup: Setup, data: FedData) -> jax.Array:
+  """``[clients, components]`` bool: what each client holds (from its tasks and the usage)."""
+  return components.holders(jnp.asarray(data.client_tasks, bool), jnp.asarray(setup.usage))
 
 
 def _cohort(setup: Setup, state: State, data: FedData, hp: HParams, root: jax.Array) -> _Cohort:
-  num_clients = data.num_examples.shape[0]
-  ids = sample_cohort(root, state.round, num_clients, setup.cohort_size)
-  held = components.holders(jnp.asarray(data.client_tasks, bool), jnp.asarray(setup.usage))
+  ids = sample_cohort(root, state.round, data.num_examples.shape[0], setup.cohort_size)
   lr = local.warmup_lr(state.round, hp.lr_min, hp.lr_peak, hp.warmup_rounds)
   return _Cohort(ids, gather(data.examples, ids), data.num_examples[ids],
-                 jnp.asarray(data.client_tasks, bool)[ids], held[ids], lr)
+                 jnp.asarray(data.client_tasks, bool)[ids], client_holders(setup, data)[ids], lr)
 
 
-def _train_one(setup: Setup, loss_fn, params, cid, examples, n, held, lr, root, stage, round_,
-               data_purpose, dropout_purpose, data_key=None, dropout_key=None) -> local.TrainResult:
-  key = functools.partial(derive, root, stage, round_, cid)
-  data_key = key(data_purpose) if data_key is None else data_key
-  dropout_key = key(dropout_purpose) if dropout_key is None else dropout_key
-  cfg = setup.local if stage == Stage.FEDERATED else setup.post
+def _train(setup: Setup, loss_fn, params, examples, n, held, lr, data_key, dropout_key,
+           cfg: local.LocalConfig) -> local.TrainResult:
+  """One client's local training, updating only the components it holds."""
   return local.train(loss_fn, params, examples, n, data_key, dropout_key, lr, cfg,
                      setup.num_tasks, components.leaf_mask(held, setup.leaf_ids))
 
@@ -241,11 +242,54 @@ def _aggregate(setup: Setup, state: State, trained: PyTree, c: _Cohort) -> aggre
 # ----------------------------------------------------------------------------- algorithms
 
 
+class TapClientResult(NamedTuple):
+  """One client's TAP stage-1 step (see :func:`tap_client`)."""
+  upload: PyTree               # the locally trained global copy (sent to the server)
+  personal: PyTree             # the personal model after the rule and its training
+  student_loss: jax.Array      # [tasks] updated where the personal model saw the task
+  global_loss: jax.Array       # [tasks] loss record of the global copy
+  personal_loss: jax.Array     # [tasks] loss record of the personal model
+  active: jax.Array            # [tasks] bool, tasks the global copy saw
+  replaced: jax.Array          # [tasks] bool
+  replaced_components: jax.Array  # [components] bool
+
+
+def tap_client(setup: Setup, loss_fn, start: PyTree, personal: PyTree, student_loss: jax.Array,
+               cid: jax.Array, examples: dict, n: jax.Array, has_task: jax.Array, held: jax.Array,
+               lr: jax.Array, margin: jax.Array, root: jax.Array, round_: jax.Array) -> TapClientResult:
+  """TAP stage 1 for one client (REFERENCE section 3): train the global copy, apply
+  the replacement rule, train the personal model.
+
+  Args:
+    start: the global params as the server sends them (unstacked).
+    personal: ``[...]`` this client's personal params; ``student_loss [tasks]``.
+    cid: global client id (keys depend on it, never on the cohort position).
+    examples, n: the client's data and its valid example count.
+    has_task: ``[tasks]`` bool; held: ``[components]`` bool.
+    lr, margin: this round's learning rate, ``[tasks]`` margins.
+  """
+  key = functools.partial(derive, root, Stage.FEDERATED, round_, cid)
+  rule_usage = setup.usage if setup.replace_usage is None else setup.replace_usage
+  train = functools.partial(_train, setup, loss_fn, examples=examples, n=n, held=held, lr=lr,
+                            cfg=setup.local)
+  # 1. Train the client's slice of the global model; its per-task losses are the teacher's.
+  g = train(start, data_key=key(Purpose.GLOBAL_DATA), dropout_key=key(Purpose.GLOBAL_DROPOUT))
+  g_loss, active = _record(setup, g), has_task & (g.task_count > 0)
+  # 2. The rule: copy every component of each task whose teacher beats the student by the margin.
+  rep = personalize.replace(personal, g.params, g_loss, student_loss, margin, active,
+                            jnp.asarray(rule_usage), held, setup.leaf_ids)
+  # 3. Train the personal model (on other batches when something was replaced).
+  data_key = select_key(jnp.any(rep.tasks), key(Purpose.PERSONAL_DATA), key(Purpose.GLOBAL_DATA))
+  p = train(rep.params, data_key=data_key, dropout_key=key(Purpose.PERSONAL_DROPOUT))
+  p_loss, p_seen = _record(setup, p), has_task & (p.task_count > 0)
+  return TapClientResult(g.params, p.params, jnp.where(p_seen, p_loss, student_loss), g_loss,
+                         p_loss, active, rep.tasks, rep.components)
+
+
 def tap(setup: Setup) -> Algorithm:
   """TAP stage 1: FedAvg on the global model plus per-client replacement into
-  personal models (REFERENCE.md section 3). Only the global copy is uploaded, so
-  ``state.server`` follows exactly the trajectory of :func:`fedavg` with the same key."""
-  rule_usage = setup.usage if setup.replace_usage is None else setup.replace_usage
+  personal models. Only the global copy is uploaded, so ``state.server`` follows
+  exactly the trajectory of :func:`fedavg` with the same key."""
 
   def init(params: PyTree, num_clients: int) -> State:
     return _init_state(params, num_clients, setup, with_personal=True)
@@ -254,50 +298,23 @@ def tap(setup: Setup) -> Algorithm:
     c = _cohort(setup, state, data, hp, root)
     loss_fn = supervised_loss(setup.objective, frozen)
     start = final_global(setup, state)
-    train = functools.partial(_train_one, setup, loss_fn, lr=c.lr, root=root,
-                              stage=Stage.FEDERATED, round_=state.round)
 
     def client(cid, personal, student_loss, examples, n, has_task, held):
-      key = functools.partial(derive, root, Stage.FEDERATED, state.round, cid)
-      where = lambda pred, a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+      return tap_client(setup, loss_fn, start, personal, student_loss, cid, examples, n, has_task,
+                        held, c.lr, hp.margin, root, state.round)
 
-      def phase(carry, is_personal):
-        # Phase 0 trains the global copy. Phase 1 applies TAP's rule with phase 0's
-        # result and trains the personal model. One traced training body serves both
-        # (half the compile time of two call sites).
-        g_params, g_loss, active = carry
-        rep = personalize.replace(personal, g_params, g_loss, student_loss, hp.margin, active,
-                                  jnp.asarray(rule_usage), held, setup.leaf_ids)
-        src = where(is_personal, rep.params, start)
-        # The personal model sees the global copy's batches unless something was replaced.
-        data_key = select_key(is_personal & jnp.any(rep.tasks), key(Purpose.PERSONAL_DATA),
-                              key(Purpose.GLOBAL_DATA))
-        drop_key = select_key(is_personal, key(Purpose.PERSONAL_DROPOUT), key(Purpose.GLOBAL_DROPOUT))
-        res = train(src, cid, examples, n, held, data_purpose=None, dropout_purpose=None,
-                    data_key=data_key, dropout_key=drop_key)
-        rec = _record(setup, res)
-        seen = has_task & (res.task_count > 0)
-        carry = (where(is_personal, g_params, res.params), jnp.where(is_personal, g_loss, rec),
-                 jnp.where(is_personal, active, seen))
-        return carry, (res.params, rec, seen, rep.tasks & is_personal, rep.components & is_personal)
-
-      init = (start, jnp.zeros(setup.num_tasks), jnp.zeros(setup.num_tasks, bool))
-      _, (params, rec, seen, rep_t, rep_c) = jax.lax.scan(phase, init, jnp.array([False, True]))
-      g_params, p_params = (jax.tree_util.tree_map(lambda x: x[i], params) for i in (0, 1))
-      new_student = jnp.where(seen[1], rec[1], student_loss)
-      return g_params, p_params, new_student, (rec[0], rec[1], seen[0], rep_t[1], rep_c[1])
-
-    g_params, personal, student, (g_loss, p_loss, active, rep_t, rep_c) = setup.client_map(client)(
-        c.ids, gather(state.personal, c.ids), state.student_loss[c.ids], c.examples,
-        c.num_examples, c.tasks, c.held)
+    r = setup.client_map(client)(c.ids, gather(state.personal, c.ids), state.student_loss[c.ids],
+                                 c.examples, c.num_examples, c.tasks, c.held)
     new = state._replace(
         round=state.round + 1,
-        server=_aggregate(setup, state, g_params, c),
-        personal=scatter(state.personal, c.ids, personal),
-        student_loss=state.student_loss.at[c.ids].set(student),
-        replaced_tasks=state.replaced_tasks.at[c.ids].add(rep_t.astype(jnp.int32)),
-        replaced_components=state.replaced_components.at[c.ids].add(rep_c.astype(jnp.int32)))
-    return new, RoundInfo(c.ids, c.lr, g_loss, p_loss, active, rep_t, rep_c)
+        server=_aggregate(setup, state, r.upload, c),
+        personal=scatter(state.personal, c.ids, r.personal),
+        student_loss=state.student_loss.at[c.ids].set(r.student_loss),
+        replaced_tasks=state.replaced_tasks.at[c.ids].add(r.replaced.astype(jnp.int32)),
+        replaced_components=state.replaced_components.at[c.ids].add(
+            r.replaced_components.astype(jnp.int32)))
+    return new, RoundInfo(c.ids, c.lr, r.global_loss, r.personal_loss, r.active, r.replaced,
+                          r.replaced_components)
 
   return Algorithm(init, round_)
 
@@ -309,8 +326,9 @@ def _train_cohort(setup: Setup, c: _Cohort, starts: PyTree, frozen: PyTree, root
   loss_fn = supervised_loss(setup.objective, frozen)
 
   def client(cid, params, examples, n, has_task, held):
-    r = _train_one(setup, loss_fn, params, cid, examples, n, held, c.lr, root, Stage.FEDERATED,
-                   round_, data_purpose, dropout_purpose)
+    key = functools.partial(derive, root, Stage.FEDERATED, round_, cid)
+    r = _train(setup, loss_fn, params, examples, n, held, c.lr, key(data_purpose),
+               key(dropout_purpose), setup.local)
     return r.params, _record(setup, r), has_task & (r.task_count > 0)
 
   return setup.client_map(client)(c.ids, starts, c.examples, c.num_examples, c.tasks, c.held)
@@ -363,15 +381,16 @@ def post_train(setup: Setup) -> Callable[..., PyTree]:
   ``hparams.post_lr``). This is the "FedAvg + post-train" model and TAP's KD teacher."""
 
   def run(global_params: PyTree, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
-    held = components.holders(jnp.asarray(data.client_tasks, bool), jnp.asarray(setup.usage))
     loss_fn = supervised_loss(setup.objective, frozen)
     ids = jnp.arange(data.num_examples.shape[0], dtype=jnp.int32)
 
-    def client(cid, examples, n, held_c):
-      return _train_one(setup, loss_fn, global_params, cid, examples, n, held_c, hp.post_lr, root,
-                        Stage.POST, 0, Purpose.TEACHER_DATA, Purpose.TEACHER_DROPOUT).params
+    def client(cid, examples, n, held):
+      key = functools.partial(derive, root, Stage.POST, 0, cid)
+      return _train(setup, loss_fn, global_params, examples, n, held, hp.post_lr,
+                    key(Purpose.TEACHER_DATA), key(Purpose.TEACHER_DROPOUT), setup.post).params
 
-    return setup.client_map(client)(ids, data.examples, data.num_examples, held)
+    return setup.client_map(client)(ids, data.examples, data.num_examples,
+                                    client_holders(setup, data))
 
   return run
 
@@ -384,7 +403,6 @@ def distill_personal(setup: Setup) -> Callable[..., PyTree]:
 
   def run(personal: PyTree, teachers: PyTree, frozen: PyTree, data: FedData, hp: HParams,
           root: jax.Array):
-    held = components.holders(jnp.asarray(data.client_tasks, bool), jnp.asarray(setup.usage))
     ids = jnp.arange(data.num_examples.shape[0], dtype=jnp.int32)
 
     def client(cid, params, teacher, examples, n, held_c):
@@ -394,6 +412,7 @@ def distill_personal(setup: Setup) -> Callable[..., PyTree]:
                              setup.post, hp.kd_weight, hp.temperature, setup.num_tasks,
                              components.leaf_mask(held_c, setup.leaf_ids)).params
 
-    return setup.client_map(client)(ids, personal, teachers, data.examples, data.num_examples, held)
+    return setup.client_map(client)(ids, personal, teachers, data.examples, data.num_examples,
+                                    client_holders(setup, data))
 
   return run

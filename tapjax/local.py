@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tapjax import components
 from tapjax.objective import LossFn
 
 PyTree = Any
@@ -96,7 +97,8 @@ def train(loss_fn: LossFn, params: PyTree, data: PyTree, num_examples: jax.Array
     lr: scalar learning rate (traced: changing it does not recompile).
     cfg: static step counts and optimizer constants.
     num_tasks: size of the task axis.
-    update_mask: optional pytree of scalar bools; leaves with ``False`` are never
+    update_mask: optional pytree of bool masks from :func:`tapjax.components.leaf_mask`
+      (a scalar per leaf, or one per slice of a stacked leaf); ``False`` is never
       changed (components the client does not hold: no gradient *and* no weight decay).
 
   Returns:
@@ -132,7 +134,7 @@ def train(loss_fn: LossFn, params: PyTree, data: PyTree, num_examples: jax.Array
     updates, opt_state = tx.update(grads, opt_state, p)
     new_p = optax.apply_updates(p, updates)
     if update_mask is not None:
-      new_p = jax.tree_util.tree_map(lambda m, a, b: jnp.where(m, a, b), update_mask, new_p, p)
+      new_p = components.where(update_mask, new_p, p)
     return (new_p, opt_state, loss_sum + ls, count + cs), None
 
   init = (params, tx.init(params), jnp.zeros(num_tasks), jnp.zeros(num_tasks))

@@ -35,7 +35,7 @@ def param_counts(cfg: tap.TapModelConfig) -> tuple[dict, dict]:
   trainable = jax.eval_shape(lambda: tap.init_trainable(jax.random.key(0), cfg))
   bert = jax.eval_shape(lambda: tap.random_bert_params(jax.random.key(0), cfg.backbone))
   frozen = jax.eval_shape(lambda b: tap.frozen_from_bert(b, cfg), bert)
-  names, leaf_ids = components.assign_components(trainable, tap.RULES)
+  names, leaf_ids = components.assign_named(tap.component_names(trainable, cfg))
   per_comp = components.num_params_per_component(trainable, leaf_ids, len(names))
   frozen_counts = collections.OrderedDict(
       (k, int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(v)))) for k, v in frozen.items())

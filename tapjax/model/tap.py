@@ -130,6 +130,33 @@ def _paths(cfg: TapModelConfig, modality: str, group: str):
   return paths
 
 
+# Stacked slots. Every MoTE and MoME block is one slot of the ``block`` leaves
+# (``[8, layers, ...]``), every expert one slot of the ``expert`` leaves
+# (``[30, layers, ...]``), every (block, domain) MoDE expert one slot of the
+# ``domain`` leaves (``[8, domains, layers, ...]``), every head one slot of its
+# kind's head leaves. A slot is one component (see :func:`component_names`).
+BLOCKS: tuple[tuple[str, str], ...] = (tuple(("mote", k) for k in MOTE_KEYS) +
+                                       tuple(("mome", k) for k in MOME_KEYS))
+EXPERTS: tuple[tuple[str, str, str], ...] = (
+    tuple(("mote", a, b) for a in MOTE_KEYS for b in MOME_KEYS) +
+    tuple(("mome", a, b) for a in MOME_KEYS for b in MOTE_KEYS))
+HEAD_KINDS = ("cls", "image", "text")
+
+
+def _block_slot(stage: str, key: str) -> int:
+  return BLOCKS.index((stage, key))
+
+
+def _expert_slot(stage: str, a: str, b: str) -> int:
+  return EXPERTS.index((stage, a, b))
+
+
+def _head_kind(task: TaskSpec) -> str:
+  if task.kind in (TaskKind.IMAGE_CLASSIFICATION, TaskKind.TEXT_CLASSIFICATION):
+    return "cls"
+  return "image" if task.kind == TaskKind.IMAGE_GENERATION else "text"
+
+
 def task_uses(cfg: TapModelConfig, t: int, for_replacement: bool = False) -> set[str]:
   """Component names task ``t``'s forward pass uses.
 
@@ -152,117 +179,118 @@ def task_uses(cfg: TapModelConfig, t: int, for_replacement: bool = False) -> set
   return uses
 
 
-RULES = (
-    components.Rule(r"^encoder/(\w+)/", r"encoder/\1"),
-    components.Rule(r"^shared_proj/", "shared_proj"),
-    components.Rule(r"^(mote|mome)/(\w+)/domain/(\w+)/", r"\1/\2/domain/\3"),
-    components.Rule(r"^(mote|mome)/(\w+)/layer", r"\1/\2"),
-    components.Rule(r"^expert/(mote|mome)/(\w+)/(\w+)/", r"expert/\1/\2/\3"),
-    components.Rule(r"^head/(\w+)/", r"head/\1"),
-)
+def component_names(trainable: PyTree, cfg: TapModelConfig) -> PyTree:
+  """The trainable tree with each leaf replaced by its component name(s): a ``str``
+  for a whole leaf, a numpy array of names (one per slot) for a stacked leaf."""
+  blocks = np.array([f"{s}/{k}" for s, k in BLOCKS], object)
+  domains = np.array([[f"{s}/{k}/domain/{d}" for d in cfg.domains] for s, k in BLOCKS], object)
+  experts = np.array([f"expert/{s}/{a}/{b}" for s, a, b in EXPERTS], object)
+  heads = {kind: np.array([f"head/{cfg.tasks[t].name}" for t in tasks], object)
+           for kind, tasks in zip(HEAD_KINDS, _kind_tasks(cfg)) if tasks}
+  label = lambda tree, name: jax.tree_util.tree_map(lambda _: name, tree)
+  return {"encoder": {m: label(v, f"encoder/{m}") for m, v in trainable["encoder"].items()},
+          "shared_proj": label(trainable["shared_proj"], "shared_proj"),
+          "block": label(trainable["block"], blocks),
+          "domain": label(trainable["domain"], domains),
+          "expert": label(trainable["expert"], experts),
+          "head": {k: label(v, heads[k]) for k, v in trainable["head"].items()}}
 
 
 # ----------------------------------------------------------------------------- init
 
 
-def _dense(key, n_in, n_out, scale=None):
+def _dense(key, n_in, n_out, scale=None, lead=()):
   scale = 1.0 / math.sqrt(n_in) if scale is None else scale
-  return {"kernel": scale * jax.random.normal(key, (n_in, n_out)), "bias": jnp.zeros(n_out)}
+  return {"kernel": scale * jax.random.normal(key, lead + (n_in, n_out)), "bias": jnp.zeros(lead + (n_out,))}
 
 
-def _ln(n):
-  return {"scale": jnp.ones(n), "bias": jnp.zeros(n)}
+def _ln(n, lead=()):
+  return {"scale": jnp.ones(lead + (n,)), "bias": jnp.zeros(lead + (n,))}
 
 
-def _lora(key, n_in, n_out, rank):
+def _lora(key, n_in, n_out, rank, lead=()):
   # PEFT's init: A random (Kaiming-uniform-like), B zero -> the delta starts at 0.
   bound = 1.0 / math.sqrt(n_in)
-  return {"a": jax.random.uniform(key, (n_in, rank), minval=-bound, maxval=bound),
-          "b": jnp.zeros((rank, n_out))}
+  return {"a": jax.random.uniform(key, lead + (n_in, rank), minval=-bound, maxval=bound),
+          "b": jnp.zeros(lead + (rank, n_out))}
 
 
-def _ffn_lora(key, cfg):
+def _ffn_lora(key, cfg, lead):
   k1, k2 = jax.random.split(key)
   e, i = cfg.width, cfg.backbone.intermediate_size
-  return {"in": _lora(k1, e, i, cfg.expert_rank), "out": _lora(k2, i, e, cfg.expert_rank)}
+  return {"in": _lora(k1, e, i, cfg.expert_rank, lead), "out": _lora(k2, i, e, cfg.expert_rank, lead)}
 
 
-def _block(key, cfg):
-  layers = {}
-  e = cfg.width
-  for li, k in enumerate(jax.random.split(key, cfg.num_layers)):
-    kq, kv = jax.random.split(k)
-    layers[f"layer_{li}"] = {"ln1": _ln(e), "ln2": _ln(e), "q": _lora(kq, e, e, cfg.lora_rank),
-                             "v": _lora(kv, e, e, cfg.lora_rank)}
-  return layers
-
-
-def _domain_experts(key, cfg):
-  out = {}
-  for d, kd in zip(cfg.domains, jax.random.split(key, len(cfg.domains))):
-    layers = {}
-    for li, k in enumerate(jax.random.split(kd, cfg.num_layers)):
-      kq, kv = jax.random.split(k)
-      layers[f"layer_{li}"] = {"q": _ffn_lora(kq, cfg), "v": _ffn_lora(kv, cfg)}
-    out[d] = layers
-  return out
-
-
-def _head(key, cfg, task: TaskSpec):
-  e = cfg.width
+def _heads(key, cfg, kind: str, n: int):
+  """``n`` heads of one kind stacked on a leading axis (classification heads share
+  the widest class count; narrower tasks mask their extra logits)."""
+  e, lead = cfg.width, (n,)
   ks = jax.random.split(key, 8)
-  if task.kind in (TaskKind.IMAGE_CLASSIFICATION, TaskKind.TEXT_CLASSIFICATION):
+  if kind == "cls":
+    c = max(cfg.tasks[t].num_classes for t in _kind_tasks(cfg)[0])
     if cfg.head_style == "vilt":
-      return {"fc1": _dense(ks[0], e, 2 * e), "ln": _ln(2 * e), "fc2": _dense(ks[1], 2 * e, e),
-              "out": _dense(ks[2], e, task.num_classes)}
-    return {"fc1": _dense(ks[0], e, e // 2), "out": _dense(ks[2], e // 2, task.num_classes)}
-  if task.kind == TaskKind.IMAGE_GENERATION:
+      return {"fc1": _dense(ks[0], e, 2 * e, lead=lead), "ln": _ln(2 * e, lead),
+              "fc2": _dense(ks[1], 2 * e, e, lead=lead), "out": _dense(ks[2], e, c, lead=lead)}
+    return {"fc1": _dense(ks[0], e, e // 2, lead=lead), "out": _dense(ks[2], e // 2, c, lead=lead)}
+  if kind == "image":
     c, s = cfg.gen_channels, cfg.image_size // 8
-    conv = lambda k, ci, co: {"kernel": jax.random.normal(k, (4, 4, ci, co)) / math.sqrt(16 * ci),
-                              "bias": jnp.zeros(co)}
-    return {"fc": _dense(ks[0], e, c * s * s), "deconv1": conv(ks[1], c, c // 2),
+    conv = lambda k, ci, co: {"kernel": jax.random.normal(k, lead + (4, 4, ci, co)) / math.sqrt(16 * ci),
+                              "bias": jnp.zeros(lead + (co,))}
+    return {"fc": _dense(ks[0], e, c * s * s, lead=lead), "deconv1": conv(ks[1], c, c // 2),
             "deconv2": conv(ks[2], c // 2, c // 4), "deconv3": conv(ks[3], c // 4, 3)}
   # text generation: positions cross-attend to the fused vector, one GPT-2 block, vocab projection
-  head = {"pos": 0.02 * jax.random.normal(ks[0], (cfg.target_len, e)),
-          "cross_ln": _ln(e), "cross_v": _dense(ks[1], e, e), "cross_o": _dense(ks[2], e, e),
-          "ln1": _ln(e), "qkv": _dense(ks[3], e, 3 * e), "attn_o": _dense(ks[4], e, e),
-          "ln2": _ln(e), "mlp_in": _dense(ks[5], e, 2 * e), "mlp_out": _dense(ks[6], 2 * e, e),
-          "ln_f": _ln(e), "vocab": _dense(ks[7], e, cfg.answer_vocab)}
-  if cfg.reference:   # quirk 5: GPT-2's unused token embeddings, still weight-decayed
-    head["unused_wte"] = 0.02 * jax.random.normal(ks[7], (cfg.answer_vocab, e))
+  head = {"pos": 0.02 * jax.random.normal(ks[0], lead + (cfg.target_len, e)),
+          "cross_ln": _ln(e, lead), "cross_v": _dense(ks[1], e, e, lead=lead),
+          "cross_o": _dense(ks[2], e, e, lead=lead), "ln1": _ln(e, lead),
+          "qkv": _dense(ks[3], e, 3 * e, lead=lead), "attn_o": _dense(ks[4], e, e, lead=lead),
+          "ln2": _ln(e, lead), "mlp_in": _dense(ks[5], e, 2 * e, lead=lead),
+          "mlp_out": _dense(ks[6], 2 * e, e, lead=lead), "ln_f": _ln(e, lead),
+          "vocab": _dense(ks[7], e, cfg.answer_vocab, lead=lead)}
+  if cfg.reference:   # quirk 5: GPT-2's token embeddings, which no output depends on
+    head["unused_wte"] = 0.02 * jax.random.normal(ks[7], lead + (cfg.answer_vocab, e))
   return head
 
 
 def init_trainable(key: jax.Array, cfg: TapModelConfig) -> dict:
-  """The trainable pytree (one client's, unstacked)."""
-  e, h, p = cfg.width, cfg.width, cfg.patch_size
-  ks = iter(jax.random.split(key, 64))
+  """The trainable pytree (one client's, unstacked), about 70 leaves whatever the
+  number of blocks, experts, domains and tasks:
+
+  * ``encoder/{image,text}``, ``shared_proj``: plain leaves.
+  * ``block``: ``[8 blocks (BLOCKS), layers, ...]`` layer norms and Q/V LoRA.
+  * ``domain``: ``[8 blocks, domains, layers, ...]`` MoDE FFN LoRA on the Q and V inputs.
+  * ``expert``: ``[30 experts (EXPERTS), layers, ...]`` expert FFN LoRA.
+  * ``head/{cls,image,text}``: ``[heads of that kind, ...]``.
+  """
+  e, h, p, n_l = cfg.width, cfg.width, cfg.patch_size, cfg.num_layers
+  ks = iter(jax.random.split(key, 16))
   n_patches = (cfg.image_size // p) ** 2
-  params = {
+  nb, nd, ne = len(BLOCKS), len(cfg.domains), len(EXPERTS)
+  heads = {kind: _heads(next(ks), cfg, kind, len(tasks))
+           for kind, tasks in zip(HEAD_KINDS, _kind_tasks(cfg)) if tasks}
+  kq, kv = jax.random.split(next(ks))
+  kdq, kdv = jax.random.split(next(ks))
+  return {
       "encoder": {
           "image": {"patch": _dense(next(ks), p * p * 3, h), "cls": 0.02 * jax.random.normal(next(ks), (h,)),
                     "pos": 0.02 * jax.random.normal(next(ks), (n_patches + 1, h)),
                     "proj": _dense(next(ks), h, e), "ln": _ln(e)},
           "text": {"proj": _dense(next(ks), h, e), "ln": _ln(e)}},
       "shared_proj": _dense(next(ks), e, e),
-      "mote": {b: {**_block(next(ks), cfg), "domain": _domain_experts(next(ks), cfg)} for b in MOTE_KEYS},
-      "mome": {b: {**_block(next(ks), cfg), "domain": _domain_experts(next(ks), cfg)} for b in MOME_KEYS},
-      "expert": {
-          "mote": {a: {b: {f"layer_{i}": _ffn_lora(k, cfg) for i, k in
-                           enumerate(jax.random.split(next(ks), cfg.num_layers))}
-                       for b in MOME_KEYS} for a in MOTE_KEYS},
-          "mome": {a: {b: {f"layer_{i}": _ffn_lora(k, cfg) for i, k in
-                           enumerate(jax.random.split(next(ks), cfg.num_layers))}
-                       for b in MOTE_KEYS} for a in MOME_KEYS}},
-      "head": {t.name: _head(k, cfg, t) for t, k in zip(cfg.tasks, jax.random.split(next(ks), len(cfg.tasks)))},
+      "block": {"ln1": _ln(e, (nb, n_l)), "ln2": _ln(e, (nb, n_l)),
+                "q": _lora(kq, e, e, cfg.lora_rank, (nb, n_l)),
+                "v": _lora(kv, e, e, cfg.lora_rank, (nb, n_l))},
+      "domain": {"q": _ffn_lora(kdq, cfg, (nb, nd, n_l)), "v": _ffn_lora(kdv, cfg, (nb, nd, n_l))},
+      "expert": _ffn_lora(next(ks), cfg, (ne, n_l)),
+      "head": heads,
   }
-  return params
 
 
 def frozen_from_bert(bert_params: dict, cfg: TapModelConfig) -> dict:
   """The frozen pytree from a BERT encoder's params (canonical layout of
-  :mod:`tapjax.model.bert`): text embeddings, and per fusion layer the attention
-  and the FFN every expert / domain expert of that layer starts from (stored once).
+  :mod:`tapjax.model.bert`): text embeddings, and the ``2 * num_layers`` fusion
+  layers stacked ``[2 * num_layers, ...]`` (MoTE layer ``i`` is pretrained layer
+  ``i``, MoME layer ``i`` is pretrained layer ``num_layers + i``): the attention and
+  the FFN every expert and domain expert of that layer starts from, stored once.
 
   Raises:
     ValueError: if the checkpoint is narrower or shallower than ``cfg.backbone``.
@@ -283,11 +311,11 @@ def frozen_from_bert(bert_params: dict, cfg: TapModelConfig) -> dict:
     return {"q": a["query"], "k": a["key"], "v": a["value"], "o": a["out"],
             "ffn_in": lp["ffn"]["in"], "ffn_out": lp["ffn"]["out"]}
 
+  layers = [layer(i) for i in range(2 * cfg.num_layers)]
   f = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
   return f({"text_embed": {"word": emb["word"]["embedding"], "position": emb["position"]["embedding"],
                            "token_type": emb["token_type"]["embedding"], "ln": emb["ln"]},
-            "mote": {f"layer_{i}": layer(i) for i in range(cfg.num_layers)},
-            "mome": {f"layer_{i}": layer(i + cfg.num_layers) for i in range(cfg.num_layers)}})
+            "fusion": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)})
 
 
 def random_bert_params(key: jax.Array, backbone: BertConfig) -> dict:
@@ -301,13 +329,17 @@ def random_bert_params(key: jax.Array, backbone: BertConfig) -> dict:
 
 
 def _layer_norm(p, x, eps=1e-12):
+  """LayerNorm over the last axis; ``p`` leaves may lead with ``[rows]`` (one per row of ``x``)."""
   mu = jnp.mean(x, -1, keepdims=True)
   var = jnp.mean(jnp.square(x - mu), -1, keepdims=True)
-  return (x - mu) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+  scale, bias = p["scale"], p["bias"]
+  if scale.ndim == 2 and x.ndim == 3:     # per-row parameters [rows, E] against [rows, T, E]
+    scale, bias = scale[:, None], bias[:, None]
+  return (x - mu) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
 def _per_example(p, x):
-  """``x [batch, ..., in] @ p [batch, in, out]`` or ``@ p [in, out]``."""
+  """``x [rows, ..., in] @ p [rows, in, out]`` or ``@ p [in, out]``."""
   return jnp.einsum("b...i,bio->b...o", x, p) if p.ndim == 3 else x @ p
 
 
@@ -335,114 +367,104 @@ def _lora_delta(x, lora, scale, rate, keys):
   return _per_example(lora["b"], _per_example(lora["a"], _dropout(x, rate, keys()))) * scale
 
 
-def _ffn(x, base, lora, cfg, keys):
-  """Frozen pretrained FFN + LoRA on both linears; ``lora`` leaves may lead with [batch]."""
+def _ffn_out(x, h_base, base, lora, cfg, keys):
+  """Frozen pretrained FFN + LoRA on both linears, given ``h_base = x @ W_in + b_in``
+  (shared by every FFN of a layer that reads the same ``x``)."""
   s = cfg.expert_alpha / cfg.expert_rank
-  h = x @ base["ffn_in"]["kernel"] + base["ffn_in"]["bias"]
-  h = jax.nn.gelu(h + _lora_delta(x, lora["in"], s, cfg.lora_dropout, keys), approximate=False)
+  h = jax.nn.gelu(h_base + _lora_delta(x, lora["in"], s, cfg.lora_dropout, keys), approximate=False)
   out = h @ base["ffn_out"]["kernel"] + base["ffn_out"]["bias"]
   return out + _lora_delta(h, lora["out"], s, cfg.lora_dropout, keys)
 
 
+def _ffn(x, base, lora, cfg, keys):
+  return _ffn_out(x, x @ base["ffn_in"]["kernel"] + base["ffn_in"]["bias"], base, lora, cfg, keys)
+
+
 def _fusion_layer(h, mask, blk, dom_q, dom_v, expert, base, cfg, keys):
   """One pre-norm block layer: MoDE on the Q and V inputs, frozen attention with LoRA
-  on Q and V, residual; then the path's expert FFN, residual. ``h [batch, len, E]``."""
-  s = cfg.lora_alpha / cfg.lora_rank
-  y = jax.vmap(_layer_norm)(blk["ln1"], h) if blk["ln1"]["scale"].ndim == 2 else _layer_norm(blk["ln1"], h)
-  yq = y + _ffn(y, base, dom_q, cfg, keys)
-  yv = y + _ffn(y, base, dom_v, cfg, keys)
-  proj = lambda x, w: x @ w["kernel"] + w["bias"]
-  q = proj(yq, base["q"]) + _lora_delta(yq, blk["q"], s, cfg.lora_dropout, keys)
-  v = proj(yv, base["v"]) + _lora_delta(yv, blk["v"], s, cfg.lora_dropout, keys)
-  if cfg.reference:   # quirk 3: the LoRA'd linear feeds the attention's own projection again
-    q, v = proj(q, base["q"]), proj(v, base["v"])
-  k = proj(y, base["k"])
-  h = h + proj(attend(q, k, v, mask, cfg.backbone.num_heads), base["o"])
-  y2 = jax.vmap(_layer_norm)(blk["ln2"], h) if blk["ln2"]["scale"].ndim == 2 else _layer_norm(blk["ln2"], h)
-  return h + _ffn(y2, base, expert, cfg, keys)
-
-
-def _stack(trees: Sequence[PyTree]) -> PyTree:
-  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def _take(stacked: PyTree, idx: jax.Array) -> PyTree:
-  return jax.tree_util.tree_map(lambda x: x[idx], stacked)
-
-
-def _block_run(h, mask, block, block_idx, domain, experts, expert_idx, frozen_layers, cfg, keys):
-  """A MoTE or MoME block (``num_layers`` layers). ``block`` / ``experts`` are pytrees
-  stacked over block keys; ``block_idx`` / ``expert_idx`` are ``[batch]`` picks."""
-  for li in range(cfg.num_layers):
-    name = f"layer_{li}"
-    blk = _take(block[name], block_idx)
-    dom = _take(block["domain"][name], (block_idx, domain))
-    exp = _take(experts[name], expert_idx)
-    h = _fusion_layer(h, mask, blk, dom["q"], dom["v"], exp, frozen_layers[name], cfg, keys)
-  return h
-
-
-def _fuse(inputs, group, domain, params, frozen, cfg, key):
-  """``[modalities, batch, E]``: per input modality, the mean over its fusion paths of
-  mean-pooled block outputs.
-
-  All modalities run as one ``[modalities * batch]`` batch (tokens padded to a common
-  length and masked) and the paths run as a ``lax.scan``, so the fusion is traced
-  once, whatever the number of paths and modalities.
+  on Q and V, residual; then the path's expert FFN, residual.
 
   Args:
-    inputs: per modality ``(tokens [batch, len_m, E], mask [batch, len_m])`` in
-      :data:`MODALITIES` order.
-    group, domain: ``[batch]`` task-group and domain ids.
+    h: ``[rows, len, E]``; mask ``[rows, len]``.
+    blk, dom_q, dom_v, expert: LoRA / layer-norm params, leaves ``[rows, ...]`` (one per
+      row) or unbatched.
+    base: this layer's frozen weights.
   """
-  length = max(x.shape[1] for x, _ in inputs)
-  pad = lambda a: jnp.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
-  x = jnp.concatenate([pad(x) for x, _ in inputs])                  # [M*B, L, E]
-  mask = jnp.concatenate([pad(m) for _, m in inputs])               # [M*B, L]
-  n_mod, batch = len(inputs), group.shape[0]
-  g = jnp.tile(group, n_mod)
-  dom = jnp.tile(domain, n_mod)
+  s = cfg.lora_alpha / cfg.lora_rank
+  y = _layer_norm(blk["ln1"], h)
+  y_in = y @ base["ffn_in"]["kernel"] + base["ffn_in"]["bias"]   # both MoDE FFNs read y
+  yq = y + _ffn_out(y, y_in, base, dom_q, cfg, keys)
+  yv = y + _ffn_out(y, y_in, base, dom_v, cfg, keys)
+  proj = lambda x, w: x @ w["kernel"] + w["bias"]
+  if cfg.reference:   # quirks 3 and 8: a bias-free LoRA'd copy of W feeds the attention's projection
+    q = proj(yq @ base["q"]["kernel"] + _lora_delta(yq, blk["q"], s, cfg.lora_dropout, keys), base["q"])
+    v = proj(yv @ base["v"]["kernel"] + _lora_delta(yv, blk["v"], s, cfg.lora_dropout, keys), base["v"])
+  else:
+    q = proj(yq, base["q"]) + _lora_delta(yq, blk["q"], s, cfg.lora_dropout, keys)
+    v = proj(yv, base["v"]) + _lora_delta(yv, blk["v"], s, cfg.lora_dropout, keys)
+  k = proj(y, base["k"])
+  h = h + proj(attend(q, k, v, mask, cfg.backbone.num_heads), base["o"])
+  return h + _ffn(_layer_norm(blk["ln2"], h), base, expert, cfg, keys)
 
-  def ids(keys, name, m):
-    """Per-row index of block / expert key ``name`` ("G" = the example's group)."""
-    return g[:batch] if name == "G" else jnp.full((batch,), keys.index(name), jnp.int32)
 
-  table = []   # per path: (use shared_proj input [M*B], mote, mote_e (2), mome, mome_e (2))
-  for m, modality in enumerate(MODALITIES[:n_mod]):
-    rows = []
-    for inp, mote, (ea, eb), mome, (fa, fb) in _paths(cfg, modality, "G"):
-      rows.append((jnp.full((batch,), inp == SHARED), ids(MOTE_KEYS, mote, m),
-                   ids(MOTE_KEYS, ea, m), ids(MOME_KEYS, eb, m), ids(MOME_KEYS, mome, m),
-                   ids(MOME_KEYS, fa, m), ids(MOTE_KEYS, fb, m)))
-    table.append(rows)
-  # [paths, M*B] per field
-  path_ids = tuple(jnp.stack([jnp.concatenate([table[m][p][f] for m in range(n_mod)])
-                              for p in range(len(table[0]))]) for f in range(7))
+def _path_tables(cfg: TapModelConfig):
+  """Static routing tables ``[paths, modalities, groups]``: whether the path reads
+  ``shared_proj`` (``[paths]``), its block slot per stage ``[2, paths, M, G]`` and
+  its expert slot per stage ``[2, paths, M, G]``."""
+  n_p = len(_paths(cfg, MODALITIES[0], TASK_GROUPS[0]))
+  shape = (2, n_p, len(MODALITIES), len(TASK_GROUPS))
+  blk, exp = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+  shared_in = np.zeros(n_p, bool)
+  for mi, m in enumerate(MODALITIES):
+    for gi, g in enumerate(TASK_GROUPS):
+      for p, (inp, mote, mote_e, mome, mome_e) in enumerate(_paths(cfg, m, g)):
+        shared_in[p] = inp == SHARED
+        blk[:, p, mi, gi] = _block_slot("mote", mote), _block_slot("mome", mome)
+        exp[:, p, mi, gi] = _expert_slot("mote", *mote_e), _expert_slot("mome", *mome_e)
+  return shared_in, blk, exp
 
-  no_domain = lambda tree: {k: v for k, v in tree.items() if k != "domain"}
-  mote_blocks = _stack([no_domain(params["mote"][b]) for b in MOTE_KEYS])
-  mome_blocks = _stack([no_domain(params["mome"][b]) for b in MOME_KEYS])
-  # domain experts as [block, domain, ...]
-  mote_blocks["domain"] = _stack([_stack([params["mote"][b]["domain"][d] for d in cfg.domains])
-                                  for b in MOTE_KEYS])
-  mome_blocks["domain"] = _stack([_stack([params["mome"][b]["domain"][d] for d in cfg.domains])
-                                  for b in MOME_KEYS])
-  mote_exp = _stack([_stack([params["expert"]["mote"][a][b] for b in MOME_KEYS]) for a in MOTE_KEYS])
-  mome_exp = _stack([_stack([params["expert"]["mome"][a][b] for b in MOTE_KEYS]) for a in MOME_KEYS])
+
+def _fuse(x, mask, modality, group, domain, params, frozen, cfg, key):
+  """``[batch, E]``: the mean over the fusion paths of mean-pooled block outputs of
+  one token stream per example.
+
+  The paths run as one ``[paths * batch]`` batch of rows and the MoTE and MoME
+  layers as one ``lax.scan`` over the ``2 * num_layers`` fusion layers, so the
+  fusion layer is traced once whatever the number of paths, blocks and layers;
+  each row gathers the LoRA factors of its block, domain and expert slots.
+
+  Args:
+    x: ``[batch, len, E]`` encoder tokens; mask ``[batch, len]`` (1 = real token).
+    modality, group, domain: ``[batch]`` int ids (modality of this stream).
+  """
+  shared_in, blk_t, exp_t = _path_tables(cfg)
+  n_p, b = len(shared_in), x.shape[0]
+  rows = lambda a: jnp.tile(a, (n_p,) + (1,) * (a.ndim - 1))               # [paths * batch, ...]
+  path = np.repeat(np.arange(n_p), b)
+  m_r, g_r, d_r = rows(modality), rows(group), rows(domain)
+  blk = jnp.asarray(blk_t)[:, path, m_r, g_r]                               # [2, rows]
+  exp = jnp.asarray(exp_t)[:, path, m_r, g_r]                               # [2, rows]
   h_shared = x @ params["shared_proj"]["kernel"] + params["shared_proj"]["bias"]
-  pool_w = mask.astype(x.dtype)[..., None] / jnp.maximum(mask.sum(-1), 1)[:, None, None]
+  h = jnp.where(jnp.asarray(shared_in)[:, None, None, None], h_shared[None], x[None])
+  h = h.reshape((n_p * b,) + x.shape[1:])
+  mask_r = rows(mask)
+  n_l = cfg.num_layers
 
-  def path(total, xs):
-    p, (shared_in, mote, ea, eb, mome, fa, fb) = xs
-    keys = _Keys(None if key is None else jax.random.fold_in(key, p))
-    h = jnp.where(shared_in[:, None, None], h_shared, x)
-    h = _block_run(h, mask, mote_blocks, mote, dom, mote_exp, (ea, eb), frozen["mote"], cfg, keys)
-    h = _block_run(h, mask, mome_blocks, mome, dom, mome_exp, (fa, fb), frozen["mome"], cfg, keys)
-    return total + jnp.sum(h * pool_w, axis=1), None
+  def layer(h, xs):
+    base, j = xs
+    stage, li = j // n_l, j % n_l
+    bi, ei = blk[stage], exp[stage]
+    take = lambda tree, *idx: jax.tree_util.tree_map(lambda a: a[idx + (li,)], tree)
+    blk_p = take(params["block"], bi)
+    dom = take(params["domain"], bi, d_r)
+    exp_p = take(params["expert"], ei)
+    keys = _Keys(None if key is None else jax.random.fold_in(key, j))
+    return _fusion_layer(h, mask_r, blk_p, dom["q"], dom["v"], exp_p, base, cfg, keys), None
 
-  n_paths = path_ids[0].shape[0]
-  total, _ = jax.lax.scan(path, jnp.zeros(x.shape[::2], x.dtype), (jnp.arange(n_paths), path_ids))
-  return (total / n_paths).reshape(n_mod, batch, -1)
+  h, _ = jax.lax.scan(layer, h, (frozen["fusion"], jnp.arange(2 * n_l)))
+  pool_w = mask_r.astype(h.dtype)[..., None] / jnp.maximum(mask_r.sum(-1), 1)[:, None, None]
+  pooled = jnp.sum(h * pool_w, axis=1)                                      # [rows, E]
+  return pooled.reshape(n_p, b, -1).mean(0)
 
 
 def encode_image(p, images, cfg):
@@ -509,6 +531,15 @@ def _select(stacked, idx):
   return jnp.take_along_axis(stacked, idx.reshape((1, -1) + (1,) * (stacked.ndim - 2)), axis=0)[0]
 
 
+def _stacked_heads(fn, heads, z, key):
+  """``fn(head, z, keys)`` for every head of one kind (``heads`` leaves ``[heads, ...]``):
+  ``[heads, batch, ...]``, one traced head whatever the number of tasks."""
+  n = jax.tree_util.tree_leaves(heads)[0].shape[0]
+  if key is None:
+    return jax.vmap(lambda h: fn(h, z, _Keys(None)))(heads)
+  return jax.vmap(lambda h, k: fn(h, z, _Keys(k)))(heads, jax.random.split(key, n))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TapModel:
   """The model's pure functions over ``(trainable, frozen)`` pytrees."""
@@ -527,8 +558,18 @@ class TapModel:
     group = np.array([TASK_GROUPS.index(t.group) for t in cfg.tasks], np.int32)
     return cls, img, txt, head_of, num_classes, kind, group
 
+  @property
+  def multimodal(self) -> bool:
+    """Whether some task reads two modalities per example (then a second token stream exists)."""
+    return any(len(t.modalities) > 1 for t in self.cfg.tasks)
+
   def apply(self, params, frozen, batch, key=None):
     """Outputs for a mixed batch.
+
+    Every example runs ONE token stream through the fusion: its image if it has one,
+    else its text. Examples with both modalities (VQA) also run their text stream,
+    and only when the batch holds such an example (``lax.cond``; under ``vmap`` both
+    branches run). The two streams' fused vectors are averaged.
 
     Args:
       batch: ``image [batch, S, S, 3]``, ``text``/``text_mask [batch, Lt]``, ``task``,
@@ -537,7 +578,8 @@ class TapModel:
 
     Returns:
       ``{"class_logits": [batch, max_classes], "image": [batch, S, S, 3],
-      "token_logits": [batch, La, answer_vocab]}`` (zeros where the task has no such head).
+      "token_logits": [batch, La, answer_vocab]}`` (arbitrary where the task has no such
+      head; the losses pick by task kind).
     """
     cfg = self.cfg
     keys = _Keys(key)
@@ -546,28 +588,40 @@ class TapModel:
     group = jnp.asarray(group_of)[task]
     domain = batch["domain"]
     b = task.shape[0]
-    n_img_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
-    inputs = [(encode_image(params["encoder"]["image"], batch["image"], cfg),
-               jnp.ones((b, n_img_tokens), jnp.int32)),
-              (encode_text(params["encoder"]["text"], frozen["text_embed"], batch["text"], cfg),
-               batch["text_mask"])]
-    feats = _fuse(inputs, group, domain, params, frozen, cfg, keys())      # [modalities, batch, E]
-    w = jnp.stack([batch["has_image"], batch["has_text"]]).astype(feats.dtype)   # [modalities, batch]
-    z = jnp.sum(feats * w[..., None], 0) / jnp.maximum(w.sum(0), 1)[:, None]
+    image = encode_image(params["encoder"]["image"], batch["image"], cfg)    # [batch, Ti, E]
+    text = encode_text(params["encoder"]["text"], frozen["text_embed"], batch["text"], cfg)
+    n_image = image.shape[1]
+    length = max(n_image, text.shape[1])
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+    image, text, text_mask = pad(image), pad(text), pad(batch["text_mask"])
+    image_mask = jnp.broadcast_to((jnp.arange(length) < n_image).astype(text_mask.dtype), (b, length))
+    has_image, has_text = batch["has_image"], batch["has_text"]
+    first = has_image[:, None]
+    z = _fuse(jnp.where(first[..., None], image, text), jnp.where(first, image_mask, text_mask),
+              jnp.where(has_image, 0, 1).astype(jnp.int32), group, domain, params, frozen, cfg,
+              keys())                                                        # [batch, E]
+    if self.multimodal:
+      both = has_image & has_text
+      k2 = keys()
+      second = jax.lax.cond(
+          jnp.any(both),
+          lambda: _fuse(text, text_mask, jnp.ones((b,), jnp.int32), group, domain, params, frozen,
+                        cfg, k2),
+          lambda: jnp.zeros_like(z))
+      z = jnp.where(both[:, None], 0.5 * (z + second), z)
     out = {}
-    max_c = int(num_classes.max())
+    heads = params["head"]
+    sel = lambda stacked: _select(stacked, jnp.asarray(head_of)[task])
     if cls:
-      logits = []
-      for t in cls:
-        lg = _cls_head(params["head"][cfg.tasks[t].name], z, cfg, keys)
-        logits.append(jnp.pad(lg, ((0, 0), (0, max_c - lg.shape[1])), constant_values=-1e9))
-      out["class_logits"] = _select(jnp.stack(logits), jnp.asarray(head_of)[task])
+      logits = sel(_stacked_heads(lambda h, z_, k: _cls_head(h, z_, cfg, k), heads["cls"], z, keys()))
+      valid = jnp.arange(logits.shape[-1]) < jnp.asarray(num_classes)[task][:, None]
+      out["class_logits"] = jnp.where(valid, logits, -1e9)
     if img:
-      out["image"] = _select(jnp.stack([_image_head(params["head"][cfg.tasks[t].name], z, cfg)
-                                        for t in img]), jnp.asarray(head_of)[task])
+      out["image"] = sel(_stacked_heads(lambda h, z_, k: _image_head(h, z_, cfg), heads["image"], z,
+                                        None))
     if txt:
-      out["token_logits"] = _select(jnp.stack([_text_head(params["head"][cfg.tasks[t].name], z, cfg, keys)
-                                               for t in txt]), jnp.asarray(head_of)[task])
+      out["token_logits"] = sel(_stacked_heads(lambda h, z_, k: _text_head(h, z_, cfg, k),
+                                               heads["text"], z, keys()))
     return out
 
   def _per_kind(self, batch, cls_val, img_val, txt_val):
@@ -655,7 +709,7 @@ class ComponentModel:
 
 
 def component_model(trainable: PyTree, cfg: TapModelConfig) -> ComponentModel:
-  names, leaf_ids = components.assign_components(trainable, RULES)
+  names, leaf_ids = components.assign_named(component_names(trainable, cfg))
   usage = components.usage_matrix(names, [task_uses(cfg, t) for t in range(len(cfg.tasks))])
   replace = components.usage_matrix(names, [task_uses(cfg, t, True) for t in range(len(cfg.tasks))])
   fusion = np.array([n.split("/")[0] in ("mote", "mome", "expert") for n in names])

@@ -19,7 +19,7 @@ def make(compat="paper"):
                          patch_size=8, text_len=12, target_len=4, answer_vocab=20, compat=compat)
   model = M.TapModel(cfg)
   frozen = M.frozen_from_bert(M.random_bert_params(jax.random.key(0), BACKBONE), cfg)
-  params = M.init_trainable(jax.random.key(1), cfg)
+  params = jax.jit(M.init_trainable, static_argnums=1)(jax.random.key(1), cfg)
   return cfg, model, frozen, params
 
 
@@ -48,6 +48,16 @@ def randomize(params, seed=3):
       tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
+def component_nonzero(tree, leaf_ids, num_components):
+  """``[components]`` bool: which components have a nonzero entry (stacked leaves per slice)."""
+  out = np.zeros(num_components, bool)
+  for i, g in zip(jax.tree_util.tree_leaves(leaf_ids), jax.tree_util.tree_leaves(tree)):
+    ids = np.asarray(i)
+    per_slice = np.asarray(g != 0).reshape(ids.shape + (-1,)).any(-1)
+    np.logical_or.at(out, ids.ravel(), per_slice.ravel())
+  return out
+
+
 def test_golden_component_listing():
   cfg, _, _, params = make()
   cm = M.component_model(params, cfg)
@@ -62,7 +72,7 @@ def test_parameter_counts_per_size():
     e, i = bb.hidden_size, bb.intermediate_size
     per_layer = 4 * (e * e + e) + (e * i + i) + (i * e + e)   # attention q,k,v,o + one FFN
     emb = (bb.vocab_size + bb.max_position_embeddings + bb.type_vocab_size + 2) * e
-    assert frozen == {"text_embed": emb, "mote": layers * per_layer, "mome": layers * per_layer}
+    assert frozen == {"text_embed": emb, "fusion": 2 * layers * per_layer}
     # one expert: LoRA on both FFN linears, per layer
     r = cfg.expert_rank
     assert trainable["expert/mote/image/shared"] == layers * (e * r + r * i + i * r + r * e)
@@ -78,12 +88,10 @@ def test_usage_equals_gradient_support_per_task():
   cfg, model, frozen, params = make()
   cm = M.component_model(params, cfg)
   params = randomize(params)
+  grad = jax.jit(jax.grad(lambda p, batch: model.loss(model.apply(p, frozen, batch), batch).sum()))
   for t in range(len(TASKS)):
-    batch = batch_for([t])
-    grads = jax.grad(lambda p: model.loss(model.apply(p, frozen, batch), batch).sum())(params)
-    nonzero = np.zeros(len(cm.names), bool)
-    for i, g in zip(jax.tree_util.tree_leaves(cm.leaf_ids), jax.tree_util.tree_leaves(grads)):
-      nonzero[i] |= bool(jnp.any(g != 0))
+    grads = grad(params, batch_for([t]))
+    nonzero = component_nonzero(grads, cm.leaf_ids, len(cm.names))
     # domain experts: only the example's own domain is touched
     expected = cm.usage[t].copy()
     for c, name in enumerate(cm.names):
@@ -102,9 +110,9 @@ def test_unheld_components_get_exactly_zero_gradient():
   held = tapjax.holders(client_tasks, cm.usage)[0]
   batch = batch_for([0, 1, 0, 1])
   grads = jax.grad(lambda p: model.loss(model.apply(p, frozen, batch, jax.random.key(0)), batch).mean())(params)
-  for i, g in zip(jax.tree_util.tree_leaves(cm.leaf_ids), jax.tree_util.tree_leaves(grads)):
-    if not held[i]:
-      assert float(jnp.max(jnp.abs(g))) == 0.0, cm.names[i]
+  moved = component_nonzero(grads, cm.leaf_ids, len(cm.names))
+  assert not (moved & ~held).any(), [cm.names[c] for c in np.flatnonzero(moved & ~held)]
+  assert (moved & held).sum() > 10
   assert held.sum() < len(cm.names) / 2
 
 
@@ -119,7 +127,8 @@ def test_quirk1_shared_shared_path():
     assert bool(cm.usage[:, c].any()) == want
     batch = batch_for([0])
     p2 = jax.tree_util.tree_map(lambda x: x, params)
-    p2["mote"]["shared"]["layer_0"]["ln1"]["scale"] = params["mote"]["shared"]["layer_0"]["ln1"]["scale"] * 3
+    slot = M.BLOCKS.index(("mote", "shared"))
+    p2["block"]["ln1"]["scale"] = params["block"]["ln1"]["scale"].at[slot].mul(3.0)
     moved = not np.allclose(model.apply(params, frozen, batch)["class_logits"],
                             model.apply(p2, frozen, batch)["class_logits"])
     assert moved == want
@@ -141,16 +150,17 @@ def test_quirk3_double_projection_of_q_and_v():
   for compat in ("paper", "reference"):
     cfg, model, frozen, params = make(compat)
     for scale in (1.0, 2.0):
-      f = jax.tree_util.tree_map(lambda x: x, frozen)
-      for part in ("mote", "mome"):
-        for w in ("q", "v"):
-          f[part]["layer_0"][w] = {"kernel": scale * jnp.eye(cfg.width), "bias": jnp.zeros(cfg.width)}
-      p = jax.tree_util.tree_map(lambda x: x, params)
+      base = jax.tree_util.tree_map(lambda x: x[0], frozen["fusion"])
+      for w in ("q", "v"):
+        base[w] = {"kernel": scale * jnp.eye(cfg.width), "bias": jnp.zeros(cfg.width)}
+      blk = M.BLOCKS.index(("mote", "image"))
+      exp = M.EXPERTS.index(("mote", "image", "shared"))
+      take = lambda tree, *idx: jax.tree_util.tree_map(lambda x: x[idx + (0,)], tree)
+      dom = take(params["domain"], blk, 0)
       outs[compat, scale] = np.asarray(M._fusion_layer(
           jnp.ones((1, 3, cfg.width)) * jnp.arange(cfg.width) / cfg.width, jnp.ones((1, 3)),
-          p["mote"]["image"]["layer_0"], p["mote"]["image"]["domain"][DOMAINS[0]]["layer_0"]["q"],
-          p["mote"]["image"]["domain"][DOMAINS[0]]["layer_0"]["v"],
-          p["expert"]["mote"]["image"]["shared"]["layer_0"], f["mote"]["layer_0"], cfg, M._Keys(None)))
+          take(params["block"], blk), dom["q"], dom["v"], take(params["expert"], exp), base, cfg,
+          M._Keys(None)))
   np.testing.assert_allclose(outs["paper", 1.0], outs["reference", 1.0], rtol=1e-5, atol=1e-6)
   assert not np.allclose(outs["paper", 2.0], outs["reference", 2.0])
 
@@ -173,8 +183,7 @@ def test_quirk4_image_kd():
 def test_quirk5_unused_token_embeddings_only_in_reference():
   for compat, want in (("paper", False), ("reference", True)):
     _, _, _, params = make(compat)
-    names = [n for n, h in params["head"].items() if "unused_wte" in h]
-    assert bool(names) == want
+    assert ("unused_wte" in params["head"]["text"]) == want
 
 
 def test_reference_replacement_usage_skips_mome_for_classification():
