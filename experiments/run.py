@@ -16,22 +16,22 @@ from tapjax.data.tasks import TaskKind
 from tapjax.model import tap as tap_model
 from tapjax.model.sizes import SIZES
 
-TINY_BACKBONE = SIZES["tiny"][0]
-
-
 def load_backbone(name: str, key):
-  """``(BertConfig, bert params)``: "minilm", "tiny" (random) or a local HF folder."""
-  if name == "tiny":
-    return TINY_BACKBONE, tap_model.random_bert_params(key, TINY_BACKBONE)
+  """``(BertConfig, bert params)``: "minilm" (the real weights), a local HF folder, or
+  another name of ``tapjax.model.sizes.SIZES`` (random weights of that shape)."""
+  if name in SIZES and name != "minilm":
+    return SIZES[name][0], tap_model.random_bert_params(key, SIZES[name][0])
   from tapjax.model import hf
   return hf.load_bert(hf.minilm_path() if name == "minilm" else name)
 
 
-def fed_arrays(split: dict, answer_vocab: np.ndarray) -> dict:
-  """Device arrays of one split, with ``target`` re-indexed into the answer vocabulary."""
+def fed_arrays(split: dict, answer_vocab: np.ndarray, text_len: int) -> dict:
+  """Device arrays of one split, with ``target`` re-indexed into the answer vocabulary
+  and text cut to ``text_len`` positions."""
   lookup = np.zeros(int(answer_vocab.max()) + 1, np.int32)
   lookup[answer_vocab] = np.arange(len(answer_vocab), dtype=np.int32)
-  out = {k: jnp.asarray(v) for k, v in split.items() if k != "target"}
+  cut = lambda k, v: v[..., :text_len] if k in ("text", "text_mask") else v
+  out = {k: jnp.asarray(cut(k, v)) for k, v in split.items() if k != "target"}
   out["target"] = jnp.asarray(lookup[split["target"]])
   return out
 
@@ -44,15 +44,20 @@ def build(cfg):
                                  test_examples_per_task=cfg.test_examples_per_task,
                                  image_size=cfg.image_size, text_len=cfg.text_len,
                                  target_len=cfg.target_len)
+  # Positions that are padding in every example are never computed (paper mode); the
+  # reference's mode keeps its fixed padded length, whose pads it pools over.
+  text_len = cfg.text_len
+  if cfg.get("trim_text", True) and cfg.compat != "reference":
+    text_len = int(max(fed.train["text_mask"].sum(-1).max(), fed.test["text_mask"].sum(-1).max(), 1))
   init_key = tapjax.rng.derive(root, tapjax.rng.Stage.INIT, 0, tapjax.rng.SERVER, 0)
   backbone, bert = load_backbone(cfg.backbone, init_key)
   mcfg = tap_model.TapModelConfig(
       tasks=fed.tasks, domains=fed.domains, backbone=backbone, num_layers=cfg.num_layers,
-      image_size=cfg.image_size, patch_size=cfg.patch_size, text_len=cfg.text_len,
+      image_size=cfg.image_size, patch_size=cfg.patch_size, text_len=text_len,
       target_len=cfg.target_len, answer_vocab=len(fed.answer_vocab), lora_rank=cfg.lora_rank,
       lora_alpha=cfg.lora_alpha, expert_rank=cfg.expert_rank, expert_alpha=cfg.expert_alpha,
       lora_dropout=cfg.lora_dropout, head_dropout=cfg.head_dropout, head_style=cfg.head_style,
-      compat=cfg.compat)
+      compat=cfg.compat, dropout_rng=cfg.get("dropout_rng", "hash"))
   model = tap_model.TapModel(mcfg)
   frozen = tap_model.frozen_from_bert(bert, mcfg)
   params = tap_model.init_trainable(jax.random.fold_in(init_key, 1), mcfg)
@@ -75,9 +80,9 @@ def build(cfg):
                              kd_weight=kd, temperature=cfg.temperature, lr_min=cfg.lr_min,
                              lr_peak=cfg.lr_peak, warmup_rounds=cfg.warmup_rounds,
                              post_lr=cfg.post_lr)
-  train = tapjax.FedData(fed_arrays(fed.train, fed.answer_vocab), jnp.asarray(fed.n_train),
+  train = tapjax.FedData(fed_arrays(fed.train, fed.answer_vocab, text_len), jnp.asarray(fed.n_train),
                          jnp.asarray(fed.client_tasks))
-  test = (fed_arrays(fed.test, fed.answer_vocab), jnp.asarray(fed.n_test))
+  test = (fed_arrays(fed.test, fed.answer_vocab, text_len), jnp.asarray(fed.n_test))
   return dict(root=root, fed=fed, model=model, mcfg=mcfg, frozen=frozen, params=params, cm=cm,
               setup=setup, hp=hp, train=train, test=test)
 

@@ -181,6 +181,31 @@ def select_key(pred: jax.Array, on_true: jax.Array, on_false: jax.Array) -> jax.
   return jax.random.wrap_key_data(out, impl=jax.random.key_impl(on_true)) if typed else out
 
 
+def where_tree(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+  """Leafwise ``jnp.where(pred, a, b)`` for a scalar ``pred``, PRNG keys included."""
+  leaf = lambda a, b: (select_key(pred, a, b) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+                       else jnp.where(pred, a, b))
+  return jax.tree_util.tree_map(leaf, on_true, on_false)
+
+
+def twice(f: Callable, first_args: tuple, then: Callable, init: Any):
+  """``(y0, y1, aux)`` where ``y0 = f(*first_args)``, ``(args, aux) = then(y0)`` and
+  ``y1 = f(*args)``, with ``f`` traced and compiled ONCE (a two-step ``lax.scan``).
+
+  TAP trains twice per client (global copy, then personal model); two call sites
+  would compile the whole training twice. ``init`` is any value shaped like ``f``'s
+  output (``then`` also runs on it once, and that result is discarded).
+  """
+  def body(prev, i):
+    args, aux = then(prev)
+    y = f(*where_tree(i == 0, tuple(first_args), tuple(args)))
+    return y, (y, aux)
+
+  _, (ys, auxs) = jax.lax.scan(body, init, jnp.arange(2))
+  second = lambda tree: jax.tree_util.tree_map(lambda x: x[1], tree)
+  return jax.tree_util.tree_map(lambda x: x[0], ys), second(ys), second(auxs)
+
+
 def final_global(setup: Setup, state: State) -> PyTree:
   """The global trainable params as clients receive them (see ``Setup.broadcast``)."""
   if setup.broadcast is None:
@@ -270,20 +295,27 @@ def tap_client(setup: Setup, loss_fn, start: PyTree, personal: PyTree, student_l
   """
   key = functools.partial(derive, root, Stage.FEDERATED, round_, cid)
   rule_usage = setup.usage if setup.replace_usage is None else setup.replace_usage
-  train = functools.partial(_train, setup, loss_fn, examples=examples, n=n, held=held, lr=lr,
-                            cfg=setup.local)
-  # 1. Train the client's slice of the global model; its per-task losses are the teacher's.
-  g = train(start, data_key=key(Purpose.GLOBAL_DATA), dropout_key=key(Purpose.GLOBAL_DROPOUT))
-  g_loss, active = _record(setup, g), has_task & (g.task_count > 0)
-  # 2. The rule: copy every component of each task whose teacher beats the student by the margin.
-  rep = personalize.replace(personal, g.params, g_loss, student_loss, margin, active,
-                            jnp.asarray(rule_usage), held, setup.leaf_ids)
-  # 3. Train the personal model (on other batches when something was replaced).
-  data_key = select_key(jnp.any(rep.tasks), key(Purpose.PERSONAL_DATA), key(Purpose.GLOBAL_DATA))
-  p = train(rep.params, data_key=data_key, dropout_key=key(Purpose.PERSONAL_DROPOUT))
-  p_loss, p_seen = _record(setup, p), has_task & (p.task_count > 0)
+
+  def train_from(params, data_key, dropout_key):
+    return _train(setup, loss_fn, params, examples, n, held, lr, data_key, dropout_key, setup.local)
+
+  def rule(g: local.TrainResult):
+    """2. Copy every component of each task whose teacher (the trained global copy)
+    beats the student by the margin; the personal model then trains on other batches
+    when something was replaced."""
+    rep = personalize.replace(personal, g.params, _record(setup, g), student_loss, margin,
+                              has_task & (g.task_count > 0), jnp.asarray(rule_usage), held,
+                              setup.leaf_ids)
+    data_key = select_key(jnp.any(rep.tasks), key(Purpose.PERSONAL_DATA), key(Purpose.GLOBAL_DATA))
+    return (rep.params, data_key, key(Purpose.PERSONAL_DROPOUT)), rep
+
+  # 1. train the global copy; 2. the rule; 3. train the personal model (one traced body).
+  g, p, rep = twice(train_from, (start, key(Purpose.GLOBAL_DATA), key(Purpose.GLOBAL_DROPOUT)), rule,
+                    local.TrainResult.like(start, setup.num_tasks))
+  g_loss, p_loss = _record(setup, g), _record(setup, p)
+  p_seen = has_task & (p.task_count > 0)
   return TapClientResult(g.params, p.params, jnp.where(p_seen, p_loss, student_loss), g_loss,
-                         p_loss, active, rep.tasks, rep.components)
+                         p_loss, has_task & (g.task_count > 0), rep.tasks, rep.components)
 
 
 def tap(setup: Setup) -> Algorithm:

@@ -17,6 +17,9 @@ SIZES = {
     "minilm": (BertConfig(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
                           intermediate_size=1536), 1),
     "flava": (BertConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072), 1),
+    # the PyTorch reference's cost benchmark: a tiny FLAVA-shaped tower
+    "ref_flava_tiny": (BertConfig(vocab_size=30522, hidden_size=64, num_layers=2, num_heads=2,
+                                  intermediate_size=256), 1),
     "vilt": (BertConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                         max_position_embeddings=40), 4),
 }

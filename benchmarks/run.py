@@ -1,0 +1,336 @@
+"""tapjax's benchmark tables, each measured side by side in one process.
+
+  python -m benchmarks.run [--sections=a,b,c,d,e] [--repeats=3] [--out=benchmarks/results/run.json]
+
+Sections (every time is a median of ``--repeats`` runs after a warm-up run):
+
+a. Reference-shaped TAP round: a BERT-family backbone of width 64 (2 heads, FFN 256,
+   2 layers), 64-px images with patch 4 (257 tokens), text padded to 256, 10 clients
+   in the paper's 10 patterns, cohort 2, 5 steps x accumulation 4 of batch 8, LoRA
+   dropout 0.3: the round and stage 2 per client next to the PyTorch reference's
+   figures on this machine type (25.6 s per round, 28-29 s of stage 2 per client),
+   in ``compat="reference"`` (every pad computed, as the reference does) and
+   ``"paper"`` (text cut to the federation's real length). Also the achieved
+   matmul FLOP/s of a training micro-batch against a plain fp32 matmul's.
+b. Cohort scaling: one TAP round for cohorts of 1, 2, 8 and 32 clients per mapping
+   strategy, against a Python loop over a jitted one-client step.
+c. Aggregation: the holder-masked weighted mean over a cohort of MiniLM-sized
+   trainable trees, in GB/s against a plain sum over the same bytes.
+d. Compiled programs of a 20-round experiment: how many, and seconds each.
+e. Memory: bytes per additional client against the frozen backbone's bytes, and the
+   largest federation whose client states fit in 16 GB and in 80 GB.
+
+Writes every row to ``--out`` as JSON and prints one table per section.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_list("sections", ["a", "b", "c", "d", "e"], "which tables to produce")
+flags.DEFINE_integer("repeats", 3, "timed repeats per figure (after one warm-up)")
+flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "results" / "run.json"), "JSON output")
+FLAGS = flags.FLAGS
+
+REFERENCE_ROUND_S = 25.6          # PyTorch reference, tiny FLAVA, cohort 2, 5 x 4 steps of batch 8
+REFERENCE_STAGE2_PER_CLIENT_S = 28.5
+
+
+def timed(fn, repeats):
+  """Median wall seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def table(title, header, rows):
+  print(f"\n{title}")
+  widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+  line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"
+  print(line(header))
+  print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  for r in rows:
+    print(line(r))
+
+
+def config(**overrides):
+  from experiments.configs import default
+  c = default.get_config()
+  c.compilation_cache = ""
+  c.plots = False
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+# ----------------------------------------------------------------------------- flops
+
+
+def dot_flops(jaxpr) -> float:
+  """Matmul and convolution FLOPs of a (closed) jaxpr, scans counted ``length`` times."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    p = eqn.primitive.name
+    if p == "dot_general":
+      (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+      a, b = (v.aval.shape for v in eqn.invars)
+      out = eqn.outvars[0].aval.shape
+      total += 2.0 * np.prod(out) * np.prod([a[i] for i in lc])
+    elif p == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      out = eqn.outvars[0].aval.shape
+      total += 2.0 * np.prod(out) * np.prod(rhs) / max(out[-1], 1)
+    for sub in _subjaxprs(eqn):
+      mult = eqn.params.get("length", 1) if p == "scan" else 1
+      total += mult * dot_flops(sub)
+  return total
+
+
+def _subjaxprs(eqn):
+  for v in eqn.params.values():
+    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+      if hasattr(x, "jaxpr") and hasattr(x, "consts"):
+        yield x.jaxpr
+      elif hasattr(x, "eqns"):
+        yield x
+
+
+def matmul_peak(repeats) -> float:
+  """GFLOP/s of a plain 2048^3 fp32 matmul on this machine, now."""
+  a = jnp.ones((2048, 2048), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  return 2 * 2048**3 / timed(lambda: f(a), repeats) / 1e9
+
+
+# ----------------------------------------------------------------------------- a
+
+
+def ref_config(compat):
+  return config(backbone="ref_flava_tiny", num_groups=1, examples_per_task=256,
+                test_examples_per_task=8, image_size=64, patch_size=4, text_len=256,
+                target_len=8, cohort_size=2, local_steps=5, accum=4, batch_size=8,
+                post_steps=13, lora_dropout=0.3, head_dropout=0.3, compat=compat,
+                trim_text=compat == "paper", rounds=3)
+
+
+def section_a(repeats):
+  import tapjax
+  from experiments import run
+  rows, out = [], []
+  peak = matmul_peak(repeats)
+  for compat in ("reference", "paper"):
+    cfg = ref_config(compat)
+    w = run.build(cfg)
+    alg = tapjax.tap(w["setup"])
+    state0 = alg.init(w["params"], w["fed"].num_clients)
+    round_fn = jax.jit(alg.round)
+    args = (w["frozen"], w["train"], w["hp"], w["root"])
+    t = time.perf_counter()
+    compiled = round_fn.lower(state0, *args).compile()
+    compile_s = time.perf_counter() - t
+    # Rounds differ by cohort (a VQA client runs a second stream): time several rounds.
+    state, times = state0, []
+    for _ in range(repeats + 1):
+      t = time.perf_counter()
+      state, info = compiled(state, *args)
+      jax.block_until_ready(state)
+      times.append(time.perf_counter() - t)
+    round_s = statistics.median(times[1:])
+    # Stage 2 for every client: post-training (teacher) then distillation, per client.
+    post = jax.jit(tapjax.post_train(w["setup"]))
+    dist = jax.jit(tapjax.distill_personal(w["setup"]))
+    g = tapjax.final_global(w["setup"], state)
+    n = w["fed"].num_clients
+
+    def stage2():
+      teachers = post(g, *args)
+      return dist(state.personal, teachers, *args)
+
+    stage2_s = timed(stage2, max(1, repeats // 2)) / n
+    # Achieved matmul FLOP/s of one training micro-batch (value and gradient).
+    model, frozen = w["model"], w["frozen"]
+    # A VQA client: both token streams run, so the counted FLOPs are the executed ones.
+    c = int(np.flatnonzero(np.asarray(w["fed"].client_pattern) == 4)[0])
+    batch = {k: v[c, :cfg.batch_size] for k, v in w["train"].examples.items()}
+    loss = lambda p, k: model.loss(model.apply(p, frozen, batch, k), batch).mean()
+    step = jax.jit(jax.value_and_grad(loss))
+    flops = dot_flops(jax.make_jaxpr(jax.value_and_grad(loss))(w["params"], w["root"]).jaxpr)
+    step_s = timed(lambda: step(w["params"], w["root"]), repeats)
+    gflops = flops / step_s / 1e9
+    tokens = w["train"].examples["text"].shape[-1]
+    rows.append([compat, tokens, f"{compile_s:.1f}", f"{round_s:.2f}", f"{REFERENCE_ROUND_S / round_s:.1f}x",
+                 f"{stage2_s:.2f}", f"{REFERENCE_STAGE2_PER_CLIENT_S / stage2_s:.1f}x",
+                 f"{gflops:.0f}", f"{gflops / peak:.0%}"])
+    out.append(dict(compat=compat, text_tokens=tokens, compile_s=compile_s, round_s=round_s,
+                    round_speedup=REFERENCE_ROUND_S / round_s, stage2_per_client_s=stage2_s,
+                    stage2_speedup=REFERENCE_STAGE2_PER_CLIENT_S / stage2_s,
+                    microbatch_gflop=flops / 1e9, microbatch_s=step_s, gflops=gflops,
+                    matmul_peak_gflops=peak))
+  table(f"a. Reference-shaped TAP (PyTorch reference: {REFERENCE_ROUND_S} s/round, "
+        f"{REFERENCE_STAGE2_PER_CLIENT_S} s stage 2/client; fp32 matmul peak now {peak:.0f} GFLOP/s)",
+        ["compat", "text len", "compile s", "round s", "vs ref", "stage 2 s/client", "vs ref",
+         "micro-batch GFLOP/s", "of peak"], rows)
+  return out
+
+
+# ----------------------------------------------------------------------------- b
+
+
+def section_b(repeats):
+  import tapjax
+  from experiments import run
+  from tapjax import federation
+  out, rows = [], []
+  sizes = (1, 2, 8, 32)
+  for k in sizes:
+    row = {"cohort": k}
+    for strategy in ("vmap", "map", "loop"):
+      cfg = config(backbone="tiny", num_groups=4, examples_per_task=32, image_size=16,
+                   cohort_size=k, local_steps=2, batch_size=8,
+                   client_map=strategy if strategy != "loop" else "map")
+      w = run.build(cfg)
+      setup = w["setup"]
+      alg = tapjax.tap(setup)
+      state = alg.init(w["params"], w["fed"].num_clients)
+      args = (w["frozen"], w["train"], w["hp"], w["root"])
+      if strategy != "loop":
+        fn = jax.jit(alg.round)
+        row[strategy] = timed(lambda: fn(state, *args), repeats)
+        continue
+      # A Python loop over clients, each a jitted one-client TAP step, then one jitted
+      # aggregation: what a straightforward port would do.
+      loss_fn = tapjax.supervised_loss(setup.objective, w["frozen"])
+      one = jax.jit(lambda start, personal, sl, cid, ex, n, tasks, held, lr, margin, root, r:
+                    federation.tap_client(setup, loss_fn, start, personal, sl, cid, ex, n, tasks, held,
+                                          lr, margin, root, r))
+      held_all = federation.client_holders(setup, w["train"])
+      agg = jax.jit(lambda st, uploads, held, n: federation.aggregate.masked_mean(
+          uploads, held, n, setup.leaf_ids, st.server.params))
+
+      def loop_round():
+        ids = [int(i) for i in federation.sample_cohort(w["root"], state.round, w["fed"].num_clients, k)]
+        lr = tapjax.warmup_lr(state.round, w["hp"].lr_min, w["hp"].lr_peak, w["hp"].warmup_rounds)
+        ups = []
+        for cid in ids:
+          r = one(state.server.params, jax.tree_util.tree_map(lambda x: x[cid], state.personal),
+                  state.student_loss[cid], cid, {f: v[cid] for f, v in w["train"].examples.items()},
+                  w["train"].num_examples[cid], w["train"].client_tasks[cid], held_all[cid], lr,
+                  w["hp"].margin, w["root"], state.round)
+          ups.append(r.upload)
+        stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *ups)
+        idx = jnp.asarray(ids)
+        return agg(state, stacked, held_all[idx], w["train"].num_examples[idx])
+
+      row["loop"] = timed(loop_round, repeats)
+    out.append(row)
+    rows.append([k, f"{row['loop'] * 1e3:.0f}", f"{row['vmap'] * 1e3:.0f}", f"{row['map'] * 1e3:.0f}",
+                 f"{row['loop'] / row['vmap']:.2f}x", f"{row['loop'] / row['map']:.2f}x"])
+  table("b. Cohort scaling, one TAP round (tiny backbone, 2 steps x batch 8; ms)",
+        ["cohort", "Python loop", "vmap", "map", "vmap vs loop", "map vs loop"], rows)
+  return out
+
+
+# ----------------------------------------------------------------------------- c
+
+
+def section_c(repeats):
+  import tapjax
+  from experiments import run
+  w = run.build(config())
+  setup = w["setup"]
+  k = 8
+  stacked = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (k,) + x.shape) + 0.0, w["params"])
+  held = tapjax.federation.client_holders(setup, w["train"])[:k]
+  weights = w["train"].num_examples[:k].astype(jnp.float32)
+  agg = jax.jit(lambda s: tapjax.masked_mean(s, held, weights, setup.leaf_ids, w["params"]).mean)
+  flat = jnp.concatenate([x.reshape(k, -1) for x in jax.tree_util.tree_leaves(stacked)], axis=1)
+  plain = jax.jit(lambda x: jnp.sum(x, axis=0))
+  nbytes = flat.size * 4
+  t_agg, t_plain = timed(lambda: agg(stacked), repeats), timed(lambda: plain(flat), repeats)
+  rows = [["masked weighted mean", f"{nbytes / 1e6:.0f}", f"{t_agg * 1e3:.1f}", f"{nbytes / t_agg / 1e9:.1f}"],
+          ["plain sum", f"{nbytes / 1e6:.0f}", f"{t_plain * 1e3:.1f}", f"{nbytes / t_plain / 1e9:.1f}"]]
+  table(f"c. Aggregation over {k} MiniLM-sized clients ({len(jax.tree_util.tree_leaves(stacked))} leaves); "
+        f"masked mean at {t_plain / t_agg:.0%} of the plain sum's bandwidth",
+        ["op", "MB read", "ms", "GB/s"], rows)
+  return [dict(op="masked_mean", bytes=nbytes, s=t_agg), dict(op="plain_sum", bytes=nbytes, s=t_plain)]
+
+
+# ----------------------------------------------------------------------------- d
+
+
+def section_d(repeats):
+  del repeats
+  from experiments import run
+  compiles = []
+
+  def listener(event, duration, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  cfg = config(backbone="tiny", examples_per_task=16, test_examples_per_task=8, image_size=16,
+               rounds=20, cohort_size=2, local_steps=1, batch_size=4, post_steps=1, eval_batch=8)
+  t = time.perf_counter()
+  run.run_experiment(cfg)
+  wall = time.perf_counter() - t
+  big = sorted((c for c in compiles if c > 0.5), reverse=True)
+  rows = [[len(compiles), len(big), f"{sum(compiles):.1f}", ", ".join(f"{c:.1f}" for c in big), f"{wall:.0f}"]]
+  table("d. Compilations of a whole 20-round experiment (tiny backbone)",
+        ["compiles", "programs > 0.5 s", "compile s total", "seconds of each > 0.5 s", "wall s"], rows)
+  return [dict(compiles=len(compiles), big_programs=big, compile_s=sum(compiles), wall_s=wall)]
+
+
+# ----------------------------------------------------------------------------- e
+
+
+def section_e(repeats):
+  del repeats
+  from tapjax.data.tasks import DOMAINS, TASKS
+  from tapjax.model import sizes, tap
+  rows, out = [], []
+  for size in ("minilm", "flava", "vilt"):
+    cfg = sizes.model_config(size, TASKS, DOMAINS)
+    frozen, trainable = sizes.param_counts(cfg)
+    frozen_b = 4 * sum(frozen.values())
+    # a TAP client: its personal trainable params (f32) + per-task losses and counters
+    shapes = jax.eval_shape(lambda: tap.init_trainable(jax.random.key(0), cfg))
+    per_client = 4 * sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+    per_client += 4 * (2 * len(TASKS) + len(trainable))
+    server = 3 * per_client        # server params + initial + one aggregation buffer
+    fit = {gb: int((gb * 2**30 - frozen_b - server) // per_client) for gb in (16, 80)}
+    rows.append([size, f"{frozen_b / 2**20:.0f}", f"{per_client / 2**20:.1f}",
+                 f"{per_client / frozen_b:.2f}", f"{fit[16]:,}", f"{fit[80]:,}"])
+    out.append(dict(size=size, frozen_bytes=frozen_b, per_client_bytes=per_client, fit_16gb=fit[16],
+                    fit_80gb=fit[80]))
+  table("e. Memory per client (TAP personal state, f32) vs the frozen backbone",
+        ["model", "frozen MiB", "per client MiB", "client/frozen", "clients in 16 GB", "in 80 GB"], rows)
+  return out
+
+
+def main(argv):
+  del argv
+  fns = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e}
+  results = {"date": time.strftime("%Y-%m-%d"), "devices": str(jax.devices()), "repeats": FLAGS.repeats}
+  for s in FLAGS.sections:
+    t = time.perf_counter()
+    results[s] = fns[s](FLAGS.repeats)
+    print(f"(section {s}: {time.perf_counter() - t:.0f} s)")
+  path = pathlib.Path(FLAGS.out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(results, indent=1, default=float))
+  print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)
