@@ -5,6 +5,7 @@
 Prints a table (compile seconds, steady-state seconds per round, ratio to vmap) and
 writes benchmarks/results/client_map.json. Same data, model and keys for every row.
 """
+
 import json
 import pathlib
 import statistics
@@ -14,8 +15,11 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", str(pathlib.Path(__file__).parents[1] / "experiments" /
-                                              "configs" / "default.py"), "experiment config")
+config_flags.DEFINE_config_file(
+  "config",
+  str(pathlib.Path(__file__).parents[1] / "experiments" / "configs" / "default.py"),
+  "experiment config",
+)
 flags.DEFINE_list("strategies", ["vmap", "map"], "client_map strategies to compare")
 flags.DEFINE_integer("repeats", 3, "timed rounds per strategy")
 FLAGS = flags.FLAGS
@@ -25,6 +29,7 @@ def main(argv):
   del argv
   import tapjax
   from experiments import run
+
   rows = []
   for strategy in FLAGS.strategies:
     cfg = FLAGS.config
@@ -45,8 +50,10 @@ def main(argv):
       times.append(time.perf_counter() - t)
     rows.append({"strategy": strategy, "compile_s": compile_s, "round_s": statistics.median(times[1:])})
   base = rows[0]["round_s"]
-  print(f"\nTAP round, backbone={FLAGS.config.backbone}, cohort={FLAGS.config.cohort_size}, "
-        f"steps={FLAGS.config.local_steps}x{FLAGS.config.batch_size}, devices={jax.device_count()}")
+  print(
+    f"\nTAP round, backbone={FLAGS.config.backbone}, cohort={FLAGS.config.cohort_size}, "
+    f"steps={FLAGS.config.local_steps}x{FLAGS.config.batch_size}, devices={jax.device_count()}"
+  )
   print(f"{'strategy':<10}{'compile s':>12}{'round s':>10}{'vs ' + rows[0]['strategy']:>10}")
   for r in rows:
     print(f"{r['strategy']:<10}{r['compile_s']:>12.1f}{r['round_s']:>10.2f}{r['round_s'] / base:>10.2f}")

@@ -1,14 +1,24 @@
 """The printed table and the PNG plots of an experiment's results."""
+
 from __future__ import annotations
 
 import pathlib
 
 METHODS = ("local", "fedavg", "fedavg_post", "tap_no_kd", "tap")
-LABELS = {"local": "Local", "fedavg": "FedAvg", "fedavg_post": "FedAvg+post", "tap_no_kd": "TAP w/o KD",
-          "tap": "TAP"}
+LABELS = {
+  "local": "Local",
+  "fedavg": "FedAvg",
+  "fedavg_post": "FedAvg+post",
+  "tap_no_kd": "TAP w/o KD",
+  "tap": "TAP",
+}
 LOWER_IS_BETTER = {"mse", "token_ce", "perplexity"}
-PRIMARY = {"image_classification": "accuracy", "text_classification": "accuracy",
-           "image_generation": "mse", "text_generation": "token_accuracy"}
+PRIMARY = {
+  "image_classification": "accuracy",
+  "text_classification": "accuracy",
+  "image_generation": "mse",
+  "text_generation": "token_accuracy",
+}
 
 
 def is_best(v: float, best: float) -> bool:
@@ -40,15 +50,17 @@ def table(results: dict) -> str:
 
 def plots(results: dict, history: list, workdir: pathlib.Path) -> list[pathlib.Path]:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   out = []
   methods = [m for m in METHODS if m in results["methods"]]
   tasks = results["tasks"]
   ncols = min(4, len(tasks))
   nrows = -(-len(tasks) // ncols)
   fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.6 * nrows), squeeze=False)
-  for ax in axes.flat[len(tasks):]:
+  for ax in axes.flat[len(tasks) :]:
     ax.set_visible(False)
   for ax, t in zip(axes.flat, tasks):
     metric = PRIMARY[t["kind"]]

@@ -1,4 +1,5 @@
 """The experiment pipeline behind ``experiments.tap`` (importable, no flags)."""
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,14 @@ from tapjax.data.tasks import TaskKind
 from tapjax.model import tap as tap_model
 from tapjax.model.sizes import SIZES
 
+
 def load_backbone(name: str, key):
   """``(BertConfig, bert params)``: "minilm" (the real weights), a local HF folder, or
   another name of ``tapjax.model.sizes.SIZES`` (random weights of that shape)."""
   if name in SIZES and name != "minilm":
     return SIZES[name][0], tap_model.random_bert_params(key, SIZES[name][0])
   from tapjax.model import hf
+
   return hf.load_bert(hf.minilm_path() if name == "minilm" else name)
 
 
@@ -39,11 +42,15 @@ def fed_arrays(split: dict, answer_vocab: np.ndarray, text_len: int) -> dict:
 def build(cfg):
   """Federation, model, params and the core's Setup from a config."""
   root = jax.random.key(cfg.seed)
-  fed = make_embedded_federation(seed=cfg.seed, num_groups=cfg.num_groups,
-                                 examples_per_task=cfg.examples_per_task,
-                                 test_examples_per_task=cfg.test_examples_per_task,
-                                 image_size=cfg.image_size, text_len=cfg.text_len,
-                                 target_len=cfg.target_len)
+  fed = make_embedded_federation(
+    seed=cfg.seed,
+    num_groups=cfg.num_groups,
+    examples_per_task=cfg.examples_per_task,
+    test_examples_per_task=cfg.test_examples_per_task,
+    image_size=cfg.image_size,
+    text_len=cfg.text_len,
+    target_len=cfg.target_len,
+  )
   # Positions that are padding in every example are never computed (paper mode); the
   # reference's mode keeps its fixed padded length, whose pads it pools over.
   text_len = cfg.text_len
@@ -52,12 +59,25 @@ def build(cfg):
   init_key = tapjax.rng.derive(root, tapjax.rng.Stage.INIT, 0, tapjax.rng.SERVER, 0)
   backbone, bert = load_backbone(cfg.backbone, init_key)
   mcfg = tap_model.TapModelConfig(
-      tasks=fed.tasks, domains=fed.domains, backbone=backbone, num_layers=cfg.num_layers,
-      image_size=cfg.image_size, patch_size=cfg.patch_size, text_len=text_len,
-      target_len=cfg.target_len, answer_vocab=len(fed.answer_vocab), lora_rank=cfg.lora_rank,
-      lora_alpha=cfg.lora_alpha, expert_rank=cfg.expert_rank, expert_alpha=cfg.expert_alpha,
-      lora_dropout=cfg.lora_dropout, head_dropout=cfg.head_dropout, head_style=cfg.head_style,
-      compat=cfg.compat, dropout_rng=cfg.get("dropout_rng", "hash"))
+    tasks=fed.tasks,
+    domains=fed.domains,
+    backbone=backbone,
+    num_layers=cfg.num_layers,
+    image_size=cfg.image_size,
+    patch_size=cfg.patch_size,
+    text_len=text_len,
+    target_len=cfg.target_len,
+    answer_vocab=len(fed.answer_vocab),
+    lora_rank=cfg.lora_rank,
+    lora_alpha=cfg.lora_alpha,
+    expert_rank=cfg.expert_rank,
+    expert_alpha=cfg.expert_alpha,
+    lora_dropout=cfg.lora_dropout,
+    head_dropout=cfg.head_dropout,
+    head_style=cfg.head_style,
+    compat=cfg.compat,
+    dropout_rng=cfg.get("dropout_rng", "hash"),
+  )
   model = tap_model.TapModel(mcfg)
   frozen = tap_model.frozen_from_bert(bert, mcfg)
   params = tap_model.init_trainable(jax.random.fold_in(init_key, 1), mcfg)
@@ -65,26 +85,48 @@ def build(cfg):
   reference = cfg.compat == "reference"
   client_map = tapjax.ClientMap(cfg.client_map, batch_size=cfg.map_batch or None)
   setup = tapjax.Setup(
-      objective=model.objective(), leaf_ids=cm.leaf_ids, usage=cm.usage,
-      local=tapjax.LocalConfig(cfg.local_steps, cfg.batch_size, cfg.accum),
-      post=tapjax.LocalConfig(cfg.post_steps, cfg.batch_size, cfg.accum),
-      cohort_size=cfg.cohort_size, client_map=client_map,
-      replace_usage=cm.replace_usage if reference else None,
-      loss_record="share_weighted" if reference else "mean",
-      broadcast=~cm.fusion if reference else None)
-  small = np.array([t.kind in (TaskKind.IMAGE_GENERATION, TaskKind.TEXT_CLASSIFICATION)
-                    for t in fed.tasks])
-  kd = np.array([cfg.kd_weight_text_cls if t.kind == TaskKind.TEXT_CLASSIFICATION else cfg.kd_weight
-                 for t in fed.tasks])
-  hp = tapjax.HParams.create(len(fed.tasks), margin=np.where(small, cfg.small_margin, cfg.margin),
-                             kd_weight=kd, temperature=cfg.temperature, lr_min=cfg.lr_min,
-                             lr_peak=cfg.lr_peak, warmup_rounds=cfg.warmup_rounds,
-                             post_lr=cfg.post_lr)
-  train = tapjax.FedData(fed_arrays(fed.train, fed.answer_vocab, text_len), jnp.asarray(fed.n_train),
-                         jnp.asarray(fed.client_tasks))
+    objective=model.objective(),
+    leaf_ids=cm.leaf_ids,
+    usage=cm.usage,
+    local=tapjax.LocalConfig(cfg.local_steps, cfg.batch_size, cfg.accum),
+    post=tapjax.LocalConfig(cfg.post_steps, cfg.batch_size, cfg.accum),
+    cohort_size=cfg.cohort_size,
+    client_map=client_map,
+    replace_usage=cm.replace_usage if reference else None,
+    loss_record="share_weighted" if reference else "mean",
+    broadcast=~cm.fusion if reference else None,
+  )
+  small = np.array([t.kind in (TaskKind.IMAGE_GENERATION, TaskKind.TEXT_CLASSIFICATION) for t in fed.tasks])
+  kd = np.array(
+    [cfg.kd_weight_text_cls if t.kind == TaskKind.TEXT_CLASSIFICATION else cfg.kd_weight for t in fed.tasks]
+  )
+  hp = tapjax.HParams.create(
+    len(fed.tasks),
+    margin=np.where(small, cfg.small_margin, cfg.margin),
+    kd_weight=kd,
+    temperature=cfg.temperature,
+    lr_min=cfg.lr_min,
+    lr_peak=cfg.lr_peak,
+    warmup_rounds=cfg.warmup_rounds,
+    post_lr=cfg.post_lr,
+  )
+  train = tapjax.FedData(
+    fed_arrays(fed.train, fed.answer_vocab, text_len), jnp.asarray(fed.n_train), jnp.asarray(fed.client_tasks)
+  )
   test = (fed_arrays(fed.test, fed.answer_vocab, text_len), jnp.asarray(fed.n_test))
-  return dict(root=root, fed=fed, model=model, mcfg=mcfg, frozen=frozen, params=params, cm=cm,
-              setup=setup, hp=hp, train=train, test=test)
+  return dict(
+    root=root,
+    fed=fed,
+    model=model,
+    mcfg=mcfg,
+    frozen=frozen,
+    params=params,
+    cm=cm,
+    setup=setup,
+    hp=hp,
+    train=train,
+    test=test,
+  )
 
 
 def _kind_counts(replaced, fed) -> dict:
@@ -102,16 +144,21 @@ def stage1(alg, w, rounds, desc, log=None):
   history = []
   for r in tqdm(range(rounds), desc=desc, unit="round"):
     state, info = round_fn(state, w["frozen"], w["train"], w["hp"], w["root"])
-    jax.block_until_ready(info)   # honest progress bars
+    jax.block_until_ready(info)  # honest progress bars
     if log is not None:
       counts = _kind_counts(info.replaced, w["fed"])
       for k, v in counts.items():
         cumulative[k] += v
       active = np.asarray(info.active)
-      rec = {"round": r + 1, "lr": float(info.lr), "clients": np.asarray(info.clients).tolist(),
-             "global_loss": float(np.asarray(info.global_loss)[active].mean()),
-             "personal_loss": float(np.asarray(info.personal_loss)[active].mean()),
-             "replaced": counts, "cumulative_replaced": dict(cumulative)}
+      rec = {
+        "round": r + 1,
+        "lr": float(info.lr),
+        "clients": np.asarray(info.clients).tolist(),
+        "global_loss": float(np.asarray(info.global_loss)[active].mean()),
+        "personal_loss": float(np.asarray(info.personal_loss)[active].mean()),
+        "replaced": counts,
+        "cumulative_replaced": dict(cumulative),
+      }
       history.append(rec)
       log.write(json.dumps(rec) + "\n")
       log.flush()
@@ -120,8 +167,16 @@ def stage1(alg, w, rounds, desc, log=None):
 
 def evaluate(w, stacked, cfg):
   test, n_test = w["test"]
-  means, counts = tapjax.metrics.evaluate(w["setup"].objective, stacked, w["frozen"], test, n_test,
-                                          len(w["fed"].tasks), cfg.eval_batch, w["setup"].client_map)
+  means, counts = tapjax.metrics.evaluate(
+    w["setup"].objective,
+    stacked,
+    w["frozen"],
+    test,
+    n_test,
+    len(w["fed"].tasks),
+    cfg.eval_batch,
+    w["setup"].client_map,
+  )
   return {k: np.asarray(v) for k, v in jax.jit(lambda m: m)(means).items()}
 
 
@@ -137,10 +192,11 @@ def summarize(w, evals: dict) -> dict:
       for c in holders:
         vals = {}
         for m in names:
-          vals[m] = (math.exp(float(ev["token_ce"][c, t])) if m == "perplexity" else float(ev[m][c, t]))
+          vals[m] = math.exp(float(ev["token_ce"][c, t])) if m == "perplexity" else float(ev[m][c, t])
         clients.setdefault(fed.client_names[c], {})[task.name] = vals
-      means[task.name] = {m: float(np.mean([clients[fed.client_names[c]][task.name][m] for c in holders]))
-                          for m in names}
+      means[task.name] = {
+        m: float(np.mean([clients[fed.client_names[c]][task.name][m] for c in holders])) for m in names
+      }
     out[method] = {"clients": clients, "task_means": means}
   return out
 
@@ -162,22 +218,35 @@ def run_experiment(cfg, log_path: pathlib.Path | None = None):
   global_slices = tapjax.federation.stack(final_global, n)
   bar = tqdm(total=3, desc="stage 2", unit="phase")
   teachers = jax.block_until_ready(
-      dist(global_slices, global_slices, w["frozen"], w["train"], no_kd, w["root"])); bar.update()
+    dist(global_slices, global_slices, w["frozen"], w["train"], no_kd, w["root"])
+  )
+  bar.update()
   tap_personal = jax.block_until_ready(
-      dist(tap_state.personal, teachers, w["frozen"], w["train"], hp, w["root"])); bar.update()
+    dist(tap_state.personal, teachers, w["frozen"], w["train"], hp, w["root"])
+  )
+  bar.update()
   tap_no_kd = jax.block_until_ready(
-      dist(tap_state.personal, teachers, w["frozen"], w["train"], no_kd, w["root"])); bar.update()
+    dist(tap_state.personal, teachers, w["frozen"], w["train"], no_kd, w["root"])
+  )
+  bar.update()
   bar.close()
-  models = {"local": local_state.personal, "fedavg": global_slices,
-            "fedavg_post": teachers, "tap_no_kd": tap_no_kd, "tap": tap_personal}
+  models = {
+    "local": local_state.personal,
+    "fedavg": global_slices,
+    "fedavg_post": teachers,
+    "tap_no_kd": tap_no_kd,
+    "tap": tap_personal,
+  }
   evals = {m: evaluate(w, p, cfg) for m, p in tqdm(models.items(), desc="evaluate", unit="method")}
   fed = w["fed"]
   results = {
-      "methods": summarize(w, evals),
-      "tasks": [{"name": t.name, "kind": t.kind.name.lower(), "group": t.group} for t in fed.tasks],
-      "clients": list(fed.client_names),
-      "replacements": {"per_client_task": np.asarray(tap_state.replaced_tasks).tolist(),
-                       "cumulative_by_kind": [h["cumulative_replaced"] for h in history]},
-      "components": list(w["cm"].names),
+    "methods": summarize(w, evals),
+    "tasks": [{"name": t.name, "kind": t.kind.name.lower(), "group": t.group} for t in fed.tasks],
+    "clients": list(fed.client_names),
+    "replacements": {
+      "per_client_task": np.asarray(tap_state.replaced_tasks).tolist(),
+      "cumulative_by_kind": [h["cumulative_replaced"] for h in history],
+    },
+    "components": list(w["cm"].names),
   }
   return results, history

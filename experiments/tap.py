@@ -11,6 +11,7 @@ and TAP's teacher; distillation into the personal models; the same with lambda =
 split. Writes ``metrics.jsonl`` (one line per round), ``results.json``,
 ``config.json`` and PNG plots to ``--workdir``; prints one table.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", str(pathlib.Path(__file__).parent / "configs" / "default.py"),
-    "Experiment config file (get_config); override fields with --config.<name>=<value>.")
+  "config",
+  str(pathlib.Path(__file__).parent / "configs" / "default.py"),
+  "Experiment config file (get_config); override fields with --config.<name>=<value>.",
+)
 flags.DEFINE_string("workdir", None, "Output folder (created; must not hold results unless --overwrite).")
 flags.DEFINE_bool("overwrite", False, "Replace results already in --workdir.")
 
@@ -40,8 +43,9 @@ def check_workdir(workdir: str | None, overwrite: bool) -> pathlib.Path:
     raise app.UsageError(f"--workdir={workdir} exists and is not a folder; pick another path")
   found = [n for n in OUTPUTS if (path / n).exists()]
   if found and not overwrite:
-    raise app.UsageError(f"--workdir={workdir} already holds {found}; pass --overwrite to replace "
-                         "them or choose a new --workdir")
+    raise app.UsageError(
+      f"--workdir={workdir} already holds {found}; pass --overwrite to replace them or choose a new --workdir"
+    )
   path.mkdir(parents=True, exist_ok=True)
   return path
 
@@ -58,10 +62,12 @@ def main(argv):
   workdir = check_workdir(FLAGS.workdir, FLAGS.overwrite)
   # Heavy imports after argument checks, so a bad command fails in a second.
   import jax
+
   if cfg.get("compilation_cache"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   from experiments import run
+
   t0 = time.time()
   results, rounds_log = run.run_experiment(cfg, log_path=workdir / "metrics.jsonl.tmp")
   os.replace(workdir / "metrics.jsonl.tmp", workdir / "metrics.jsonl")
@@ -69,12 +75,12 @@ def main(argv):
   write_atomic(workdir / "config.json", cfg.to_json(indent=2))
   write_atomic(workdir / "results.json", json.dumps(results, indent=1, allow_nan=True))
   from experiments import report
+
   print(report.table(results))
   if cfg.plots:
     for p in report.plots(results, rounds_log, workdir):
       print("wrote", p)
-  print(f"wrote {workdir / 'metrics.jsonl'} and {workdir / 'results.json'} "
-        f"({results['wall_seconds']:.0f} s)")
+  print(f"wrote {workdir / 'metrics.jsonl'} and {workdir / 'results.json'} ({results['wall_seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ are other optax optimizers).
 Everything is a reduction over the leading ``clients`` axis, so with that axis
 sharded over a mesh XLA lowers it to an all-reduce.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -23,12 +24,13 @@ PyTree = Any
 
 
 class Aggregate(NamedTuple):
-  mean: PyTree          # unstacked pytree: the weighted mean (or the fallback where unsent)
-  sent: jax.Array       # [components] bool: at least one holder with positive weight
+  mean: PyTree  # unstacked pytree: the weighted mean (or the fallback where unsent)
+  sent: jax.Array  # [components] bool: at least one holder with positive weight
 
 
-def masked_mean(stacked: PyTree, held: jax.Array, weights: jax.Array, leaf_ids: PyTree,
-                fallback: PyTree) -> Aggregate:
+def masked_mean(
+  stacked: PyTree, held: jax.Array, weights: jax.Array, leaf_ids: PyTree, fallback: PyTree
+) -> Aggregate:
   """Holder-masked weighted mean over the leading clients axis.
 
   Args:
@@ -39,14 +41,14 @@ def masked_mean(stacked: PyTree, held: jax.Array, weights: jax.Array, leaf_ids: 
       structured like one client's params.
     fallback: unstacked pytree used where a component was sent by nobody.
   """
-  w = held.astype(jnp.float32) * weights.astype(jnp.float32)[:, None]   # [clients, components]
-  total = jnp.sum(w, axis=0)                                               # [components]
+  w = held.astype(jnp.float32) * weights.astype(jnp.float32)[:, None]  # [clients, components]
+  total = jnp.sum(w, axis=0)  # [components]
   sent = total > 0
-  w = w / jnp.where(sent, total, 1.0)                                      # normalized per component
+  w = w / jnp.where(sent, total, 1.0)  # normalized per component
 
   def leaf(ids, x, fb):
     wi = components.broadcast_to_leaf(components.per_leaf(w, ids).astype(x.dtype), x)
-    mean = jnp.sum(wi * x, axis=0)            # one fused multiply-reduce over [clients]
+    mean = jnp.sum(wi * x, axis=0)  # one fused multiply-reduce over [clients]
     return jnp.where(components.broadcast_to_leaf(components.per_leaf(sent, ids), fb), mean, fb)
 
   return Aggregate(jax.tree_util.tree_map(leaf, leaf_ids, stacked, fallback), sent)
@@ -61,8 +63,9 @@ def server_init(params: PyTree, optimizer: optax.GradientTransformation | None) 
   return ServerState(params, optimizer.init(params) if optimizer is not None else ())
 
 
-def server_update(state: ServerState, agg: Aggregate, leaf_ids: PyTree,
-                  optimizer: optax.GradientTransformation | None) -> ServerState:
+def server_update(
+  state: ServerState, agg: Aggregate, leaf_ids: PyTree, optimizer: optax.GradientTransformation | None
+) -> ServerState:
   """Apply the server optimizer to the pseudo-gradient ``params - mean``.
 
   ``optimizer=None`` sets the params to the mean directly (FedAvg, exactly).

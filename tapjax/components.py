@@ -16,6 +16,7 @@ and boolean matrices:
 * ``holders``: ``[clients, components]`` bool, which components a client holds
   (the union over its tasks of the usage rows).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,6 +47,7 @@ def path_str(path) -> str:
 class Rule:
   """Leaves whose ``'/'``-joined path matches ``pattern`` (``re.search``) belong
   to the component ``re.Match.expand(component)`` (so ``\\1`` refers to groups)."""
+
   pattern: str
   component: str
 
@@ -104,8 +106,9 @@ def assign_components(params: PyTree, rules: Sequence[Rule]) -> tuple[tuple[str,
       unmatched.append(p)
   if unmatched:
     raise ValueError(
-        f"{len(unmatched)} trainable leaves match no component rule, e.g. {unmatched[:5]}. "
-        "Add a Rule whose pattern matches these paths.")
+      f"{len(unmatched)} trainable leaves match no component rule, e.g. {unmatched[:5]}. "
+      "Add a Rule whose pattern matches these paths."
+    )
   names = tuple(sorted(set(comp_of_leaf)))
   index = {n: i for i, n in enumerate(names)}
   treedef = jax.tree_util.tree_structure(params)
@@ -162,7 +165,8 @@ def leaf_mask(component_mask: jax.Array, leaf_ids: PyTree) -> PyTree:
 def where(mask_tree: PyTree, on_true: PyTree, on_false: PyTree) -> PyTree:
   """Leafwise ``jnp.where`` with masks that cover a prefix of each leaf's axes."""
   return jax.tree_util.tree_map(
-      lambda m, a, b: jnp.where(broadcast_to_leaf(m, a), a, b), mask_tree, on_true, on_false)
+    lambda m, a, b: jnp.where(broadcast_to_leaf(m, a), a, b), mask_tree, on_true, on_false
+  )
 
 
 def select(mask_by_component: jax.Array, on_true: PyTree, on_false: PyTree, leaf_ids: PyTree) -> PyTree:
@@ -177,6 +181,6 @@ def num_params_per_component(params: PyTree, leaf_ids: PyTree, num_components: i
   counts = np.zeros(num_components, np.int64)
   for i, x in zip(jax.tree_util.tree_leaves(leaf_ids), jax.tree_util.tree_leaves(params)):
     ids = np.asarray(i)
-    per_slice = int(np.prod(np.shape(x)[ids.ndim:]))
+    per_slice = int(np.prod(np.shape(x)[ids.ndim :]))
     np.add.at(counts, ids.ravel(), per_slice)
   return counts

@@ -4,6 +4,7 @@
 :func:`kd_loss` reduces like PyTorch's ``reduction="batchmean"`` (what the
 reference uses): summed over every non-batch axis, averaged over the batch.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,8 +18,9 @@ from tapjax.objective import LossFn, Objective
 PyTree = Any
 
 
-def kd_divergence(student_logits: jax.Array, teacher_logits: jax.Array,
-                  temperature: jax.Array = 1.0, axis: int = -1) -> jax.Array:
+def kd_divergence(
+  student_logits: jax.Array, teacher_logits: jax.Array, temperature: jax.Array = 1.0, axis: int = -1
+) -> jax.Array:
   """Per-position ``KL(softmax(t/T) || softmax(s/T)) * T**2``, summed over ``axis``.
 
   Args:
@@ -32,19 +34,21 @@ def kd_divergence(student_logits: jax.Array, teacher_logits: jax.Array,
   """
   t = jax.nn.log_softmax(teacher_logits / temperature, axis=axis)
   s = jax.nn.log_softmax(student_logits / temperature, axis=axis)
-  return jnp.sum(jnp.exp(t) * (t - s), axis=axis) * temperature ** 2
+  return jnp.sum(jnp.exp(t) * (t - s), axis=axis) * temperature**2
 
 
-def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array,
-            temperature: jax.Array = 1.0, axis: int = -1) -> jax.Array:
+def kd_loss(
+  student_logits: jax.Array, teacher_logits: jax.Array, temperature: jax.Array = 1.0, axis: int = -1
+) -> jax.Array:
   """Scalar batch-mean KD: :func:`kd_divergence` summed over every position of an
   example (tokens, pixels), averaged over the leading ``[batch]`` axis."""
   d = kd_divergence(student_logits, teacher_logits, temperature, axis)
   return jnp.mean(jnp.sum(d.reshape(d.shape[0], -1), axis=1))
 
 
-def distill_loss(objective: Objective, frozen: PyTree, teacher: PyTree, kd_weight: jax.Array,
-                 temperature: jax.Array) -> LossFn:
+def distill_loss(
+  objective: Objective, frozen: PyTree, teacher: PyTree, kd_weight: jax.Array, temperature: jax.Array
+) -> LossFn:
   """``(params, batch, key) -> [batch]``: task loss + ``kd_weight[task]`` * KD to ``teacher``.
 
   The teacher runs deterministically (no dropout) and receives no gradient.
@@ -65,10 +69,32 @@ def distill_loss(objective: Objective, frozen: PyTree, teacher: PyTree, kd_weigh
   return loss_fn
 
 
-def distill(objective: Objective, params: PyTree, teacher: PyTree, frozen: PyTree, data: PyTree,
-            num_examples: jax.Array, data_key: jax.Array, dropout_key: jax.Array, lr: jax.Array,
-            cfg: local.LocalConfig, kd_weight: jax.Array, temperature: jax.Array, num_tasks: int,
-            update_mask: PyTree | None = None) -> local.TrainResult:
+def distill(
+  objective: Objective,
+  params: PyTree,
+  teacher: PyTree,
+  frozen: PyTree,
+  data: PyTree,
+  num_examples: jax.Array,
+  data_key: jax.Array,
+  dropout_key: jax.Array,
+  lr: jax.Array,
+  cfg: local.LocalConfig,
+  kd_weight: jax.Array,
+  temperature: jax.Array,
+  num_tasks: int,
+  update_mask: PyTree | None = None,
+) -> local.TrainResult:
   """One client's distillation: :func:`tapjax.local.train` on :func:`distill_loss`."""
-  return local.train(distill_loss(objective, frozen, teacher, kd_weight, temperature), params,
-                     data, num_examples, data_key, dropout_key, lr, cfg, num_tasks, update_mask)
+  return local.train(
+    distill_loss(objective, frozen, teacher, kd_weight, temperature),
+    params,
+    data,
+    num_examples,
+    data_key,
+    dropout_key,
+    lr,
+    cfg,
+    num_tasks,
+    update_mask,
+  )

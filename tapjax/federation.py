@@ -16,6 +16,7 @@ The library returns un-jitted functions; the caller jits (with donation)::
   for _ in range(rounds):
     state, info = round_fn(state, frozen, data, hparams, root_key)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,6 +60,7 @@ class Setup:
       reach clients at their initial value (the reference never delivers its
       aggregated fusion). ``None`` = all.
   """
+
   objective: Objective
   leaf_ids: PyTree
   usage: np.ndarray
@@ -75,8 +77,9 @@ class Setup:
     if self.loss_record not in LOSS_RECORDS:
       raise ValueError(f"loss_record={self.loss_record!r}; choose one of {LOSS_RECORDS}")
     if self.replace_usage is not None and np.shape(self.replace_usage) != np.shape(self.usage):
-      raise ValueError(f"replace_usage shape {np.shape(self.replace_usage)} != usage shape "
-                       f"{np.shape(self.usage)}")
+      raise ValueError(
+        f"replace_usage shape {np.shape(self.replace_usage)} != usage shape {np.shape(self.usage)}"
+      )
 
   @property
   def num_tasks(self) -> int:
@@ -94,56 +97,71 @@ class HParams(NamedTuple):
   field replaced by a Python float or a weakly typed array changes the abstract
   signature and triggers one retrace.
   """
-  margin: jax.Array          # [tasks]
-  kd_weight: jax.Array       # [tasks] lambda_t
-  temperature: jax.Array     # scalar T
-  lr_min: jax.Array          # warm-up start
+
+  margin: jax.Array  # [tasks]
+  kd_weight: jax.Array  # [tasks] lambda_t
+  temperature: jax.Array  # scalar T
+  lr_min: jax.Array  # warm-up start
   lr_peak: jax.Array
   warmup_rounds: jax.Array
-  post_lr: jax.Array         # stage 2 (constant)
+  post_lr: jax.Array  # stage 2 (constant)
 
   @classmethod
-  def create(cls, num_tasks: int, margin=0.01, kd_weight=2e-3, temperature=1.0, lr_min=1e-4,
-             lr_peak=3e-4, warmup_rounds=20, post_lr=1e-4) -> "HParams":
+  def create(
+    cls,
+    num_tasks: int,
+    margin=0.01,
+    kd_weight=2e-3,
+    temperature=1.0,
+    lr_min=1e-4,
+    lr_peak=3e-4,
+    warmup_rounds=20,
+    post_lr=1e-4,
+  ) -> "HParams":
     """Reference defaults (FLAVA); ``margin`` and ``kd_weight`` may be scalars or ``[tasks]``."""
     f = lambda x: jnp.asarray(x, jnp.float32)
     vec = lambda x: jnp.broadcast_to(f(x), (num_tasks,))
-    return cls(vec(margin), vec(kd_weight), f(temperature), f(lr_min), f(lr_peak),
-               f(warmup_rounds), f(post_lr))
+    return cls(
+      vec(margin), vec(kd_weight), f(temperature), f(lr_min), f(lr_peak), f(warmup_rounds), f(post_lr)
+    )
 
 
 class FedData(NamedTuple):
   """Every client's training data, padded to a common capacity."""
-  examples: dict             # {field: [clients, examples, ...]} with "task" [clients, examples]
-  num_examples: jax.Array    # [clients] valid examples (also the aggregation weights)
-  client_tasks: jax.Array    # [clients, tasks] bool
+
+  examples: dict  # {field: [clients, examples, ...]} with "task" [clients, examples]
+  num_examples: jax.Array  # [clients] valid examples (also the aggregation weights)
+  client_tasks: jax.Array  # [clients, tasks] bool
 
 
 class State(NamedTuple):
   """The whole federation. ``personal`` is ``()`` for algorithms without personal models."""
-  round: jax.Array                 # scalar int32, rounds completed
-  server: aggregate.ServerState    # the global trainable params (+ server optimizer state)
-  initial: PyTree                  # the initial trainable params
-  personal: PyTree                 # [clients, ...]
-  student_loss: jax.Array          # [clients, tasks], +inf before a client's first training
-  replaced_tasks: jax.Array        # [clients, tasks] int32, cumulative replacements
-  replaced_components: jax.Array   # [clients, components] int32, cumulative
+
+  round: jax.Array  # scalar int32, rounds completed
+  server: aggregate.ServerState  # the global trainable params (+ server optimizer state)
+  initial: PyTree  # the initial trainable params
+  personal: PyTree  # [clients, ...]
+  student_loss: jax.Array  # [clients, tasks], +inf before a client's first training
+  replaced_tasks: jax.Array  # [clients, tasks] int32, cumulative replacements
+  replaced_components: jax.Array  # [clients, components] int32, cumulative
 
 
 class RoundInfo(NamedTuple):
   """What a round did, for logs and the appendix figures."""
-  clients: jax.Array               # [cohort] global client ids
-  lr: jax.Array                    # scalar
-  global_loss: jax.Array           # [cohort, tasks] loss record of the locally trained global copy
-  personal_loss: jax.Array         # [cohort, tasks] loss record of the personal model
-  active: jax.Array                # [cohort, tasks] bool, tasks seen this round
-  replaced: jax.Array              # [cohort, tasks] bool
-  replaced_components: jax.Array   # [cohort, components] bool
+
+  clients: jax.Array  # [cohort] global client ids
+  lr: jax.Array  # scalar
+  global_loss: jax.Array  # [cohort, tasks] loss record of the locally trained global copy
+  personal_loss: jax.Array  # [cohort, tasks] loss record of the personal model
+  active: jax.Array  # [cohort, tasks] bool, tasks seen this round
+  replaced: jax.Array  # [cohort, tasks] bool
+  replaced_components: jax.Array  # [cohort, components] bool
 
 
 class Algorithm(NamedTuple):
   """``init(params, num_clients) -> State``;
   ``round(state, frozen, data, hparams, root_key) -> (State, RoundInfo)``."""
+
   init: Callable[..., State]
   round: Callable[..., tuple[State, RoundInfo]]
 
@@ -183,8 +201,9 @@ def select_key(pred: jax.Array, on_true: jax.Array, on_false: jax.Array) -> jax.
 
 def where_tree(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
   """Leafwise ``jnp.where(pred, a, b)`` for a scalar ``pred``, PRNG keys included."""
-  leaf = lambda a, b: (select_key(pred, a, b) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
-                       else jnp.where(pred, a, b))
+  leaf = lambda a, b: (
+    select_key(pred, a, b) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else jnp.where(pred, a, b)
+  )
   return jax.tree_util.tree_map(leaf, on_true, on_false)
 
 
@@ -196,6 +215,7 @@ def twice(f: Callable, first_args: tuple, then: Callable, init: Any):
   would compile the whole training twice. ``init`` is any value shaped like ``f``'s
   output (``then`` also runs on it once, and that result is discarded).
   """
+
   def body(prev, i):
     args, aux = then(prev)
     y = f(*where_tree(i == 0, tuple(first_args), tuple(args)))
@@ -210,8 +230,7 @@ def final_global(setup: Setup, state: State) -> PyTree:
   """The global trainable params as clients receive them (see ``Setup.broadcast``)."""
   if setup.broadcast is None:
     return state.server.params
-  return components.select(jnp.asarray(setup.broadcast), state.server.params, state.initial,
-                           setup.leaf_ids)
+  return components.select(jnp.asarray(setup.broadcast), state.server.params, state.initial, setup.leaf_ids)
 
 
 def _record(setup: Setup, res: local.TrainResult) -> jax.Array:
@@ -219,25 +238,27 @@ def _record(setup: Setup, res: local.TrainResult) -> jax.Array:
 
 
 def _init_state(params: PyTree, num_clients: int, setup: Setup, with_personal: bool) -> State:
-  own = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)   # states are donated: never alias
+  own = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # states are donated: never alias
   return State(
-      round=jnp.zeros((), jnp.int32),
-      server=aggregate.server_init(own(params), setup.server_optimizer),
-      initial=own(params),
-      personal=stack(params, num_clients) if with_personal else (),
-      student_loss=personalize.initial_student_loss(num_clients, setup.num_tasks),
-      replaced_tasks=jnp.zeros((num_clients, setup.num_tasks), jnp.int32),
-      replaced_components=jnp.zeros((num_clients, setup.num_components), jnp.int32))
+    round=jnp.zeros((), jnp.int32),
+    server=aggregate.server_init(own(params), setup.server_optimizer),
+    initial=own(params),
+    personal=stack(params, num_clients) if with_personal else (),
+    student_loss=personalize.initial_student_loss(num_clients, setup.num_tasks),
+    replaced_tasks=jnp.zeros((num_clients, setup.num_tasks), jnp.int32),
+    replaced_components=jnp.zeros((num_clients, setup.num_components), jnp.int32),
+  )
 
 
 class _Cohort(NamedTuple):
   """One round's sampled clients and their rows of the federation."""
-  ids: jax.Array           # [cohort] global client ids
-  examples: dict           # [cohort, examples, ...]
+
+  ids: jax.Array  # [cohort] global client ids
+  examples: dict  # [cohort, examples, ...]
   num_examples: jax.Array  # [cohort]
-  tasks: jax.Array         # [cohort, tasks] bool
-  held: jax.Array          # [cohort, components] bool
-  lr: jax.Array            # scalar, this round's local learning rate
+  tasks: jax.Array  # [cohort, tasks] bool
+  held: jax.Array  # [cohort, components] bool
+  lr: jax.Array  # scalar, this round's local learning rate
 
 
 def client_holders(setup: Setup, data: FedData) -> jax.Array:
@@ -248,15 +269,32 @@ def client_holders(setup: Setup, data: FedData) -> jax.Array:
 def _cohort(setup: Setup, state: State, data: FedData, hp: HParams, root: jax.Array) -> _Cohort:
   ids = sample_cohort(root, state.round, data.num_examples.shape[0], setup.cohort_size)
   lr = local.warmup_lr(state.round, hp.lr_min, hp.lr_peak, hp.warmup_rounds)
-  return _Cohort(ids, gather(data.examples, ids), data.num_examples[ids],
-                 jnp.asarray(data.client_tasks, bool)[ids], client_holders(setup, data)[ids], lr)
+  return _Cohort(
+    ids,
+    gather(data.examples, ids),
+    data.num_examples[ids],
+    jnp.asarray(data.client_tasks, bool)[ids],
+    client_holders(setup, data)[ids],
+    lr,
+  )
 
 
-def _train(setup: Setup, loss_fn, params, examples, n, held, lr, data_key, dropout_key,
-           cfg: local.LocalConfig) -> local.TrainResult:
+def _train(
+  setup: Setup, loss_fn, params, examples, n, held, lr, data_key, dropout_key, cfg: local.LocalConfig
+) -> local.TrainResult:
   """One client's local training, updating only the components it holds."""
-  return local.train(loss_fn, params, examples, n, data_key, dropout_key, lr, cfg,
-                     setup.num_tasks, components.leaf_mask(held, setup.leaf_ids))
+  return local.train(
+    loss_fn,
+    params,
+    examples,
+    n,
+    data_key,
+    dropout_key,
+    lr,
+    cfg,
+    setup.num_tasks,
+    components.leaf_mask(held, setup.leaf_ids),
+  )
 
 
 def _aggregate(setup: Setup, state: State, trained: PyTree, c: _Cohort) -> aggregate.ServerState:
@@ -269,19 +307,33 @@ def _aggregate(setup: Setup, state: State, trained: PyTree, c: _Cohort) -> aggre
 
 class TapClientResult(NamedTuple):
   """One client's TAP stage-1 step (see :func:`tap_client`)."""
-  upload: PyTree               # the locally trained global copy (sent to the server)
-  personal: PyTree             # the personal model after the rule and its training
-  student_loss: jax.Array      # [tasks] updated where the personal model saw the task
-  global_loss: jax.Array       # [tasks] loss record of the global copy
-  personal_loss: jax.Array     # [tasks] loss record of the personal model
-  active: jax.Array            # [tasks] bool, tasks the global copy saw
-  replaced: jax.Array          # [tasks] bool
+
+  upload: PyTree  # the locally trained global copy (sent to the server)
+  personal: PyTree  # the personal model after the rule and its training
+  student_loss: jax.Array  # [tasks] updated where the personal model saw the task
+  global_loss: jax.Array  # [tasks] loss record of the global copy
+  personal_loss: jax.Array  # [tasks] loss record of the personal model
+  active: jax.Array  # [tasks] bool, tasks the global copy saw
+  replaced: jax.Array  # [tasks] bool
   replaced_components: jax.Array  # [components] bool
 
 
-def tap_client(setup: Setup, loss_fn, start: PyTree, personal: PyTree, student_loss: jax.Array,
-               cid: jax.Array, examples: dict, n: jax.Array, has_task: jax.Array, held: jax.Array,
-               lr: jax.Array, margin: jax.Array, root: jax.Array, round_: jax.Array) -> TapClientResult:
+def tap_client(
+  setup: Setup,
+  loss_fn,
+  start: PyTree,
+  personal: PyTree,
+  student_loss: jax.Array,
+  cid: jax.Array,
+  examples: dict,
+  n: jax.Array,
+  has_task: jax.Array,
+  held: jax.Array,
+  lr: jax.Array,
+  margin: jax.Array,
+  root: jax.Array,
+  round_: jax.Array,
+) -> TapClientResult:
   """TAP stage 1 for one client (REFERENCE section 3): train the global copy, apply
   the replacement rule, train the personal model.
 
@@ -303,19 +355,39 @@ def tap_client(setup: Setup, loss_fn, start: PyTree, personal: PyTree, student_l
     """2. Copy every component of each task whose teacher (the trained global copy)
     beats the student by the margin; the personal model then trains on other batches
     when something was replaced."""
-    rep = personalize.replace(personal, g.params, _record(setup, g), student_loss, margin,
-                              has_task & (g.task_count > 0), jnp.asarray(rule_usage), held,
-                              setup.leaf_ids)
+    rep = personalize.replace(
+      personal,
+      g.params,
+      _record(setup, g),
+      student_loss,
+      margin,
+      has_task & (g.task_count > 0),
+      jnp.asarray(rule_usage),
+      held,
+      setup.leaf_ids,
+    )
     data_key = select_key(jnp.any(rep.tasks), key(Purpose.PERSONAL_DATA), key(Purpose.GLOBAL_DATA))
     return (rep.params, data_key, key(Purpose.PERSONAL_DROPOUT)), rep
 
   # 1. train the global copy; 2. the rule; 3. train the personal model (one traced body).
-  g, p, rep = twice(train_from, (start, key(Purpose.GLOBAL_DATA), key(Purpose.GLOBAL_DROPOUT)), rule,
-                    local.TrainResult.like(start, setup.num_tasks))
+  g, p, rep = twice(
+    train_from,
+    (start, key(Purpose.GLOBAL_DATA), key(Purpose.GLOBAL_DROPOUT)),
+    rule,
+    local.TrainResult.like(start, setup.num_tasks),
+  )
   g_loss, p_loss = _record(setup, g), _record(setup, p)
   p_seen = has_task & (p.task_count > 0)
-  return TapClientResult(g.params, p.params, jnp.where(p_seen, p_loss, student_loss), g_loss,
-                         p_loss, has_task & (g.task_count > 0), rep.tasks, rep.components)
+  return TapClientResult(
+    g.params,
+    p.params,
+    jnp.where(p_seen, p_loss, student_loss),
+    g_loss,
+    p_loss,
+    has_task & (g.task_count > 0),
+    rep.tasks,
+    rep.components,
+  )
 
 
 def tap(setup: Setup) -> Algorithm:
@@ -332,43 +404,81 @@ def tap(setup: Setup) -> Algorithm:
     start = final_global(setup, state)
 
     def client(cid, personal, student_loss, examples, n, has_task, held):
-      return tap_client(setup, loss_fn, start, personal, student_loss, cid, examples, n, has_task,
-                        held, c.lr, hp.margin, root, state.round)
+      return tap_client(
+        setup,
+        loss_fn,
+        start,
+        personal,
+        student_loss,
+        cid,
+        examples,
+        n,
+        has_task,
+        held,
+        c.lr,
+        hp.margin,
+        root,
+        state.round,
+      )
 
-    r = setup.client_map(client)(c.ids, gather(state.personal, c.ids), state.student_loss[c.ids],
-                                 c.examples, c.num_examples, c.tasks, c.held)
+    r = setup.client_map(client)(
+      c.ids,
+      gather(state.personal, c.ids),
+      state.student_loss[c.ids],
+      c.examples,
+      c.num_examples,
+      c.tasks,
+      c.held,
+    )
     new = state._replace(
-        round=state.round + 1,
-        server=_aggregate(setup, state, r.upload, c),
-        personal=scatter(state.personal, c.ids, r.personal),
-        student_loss=state.student_loss.at[c.ids].set(r.student_loss),
-        replaced_tasks=state.replaced_tasks.at[c.ids].add(r.replaced.astype(jnp.int32)),
-        replaced_components=state.replaced_components.at[c.ids].add(
-            r.replaced_components.astype(jnp.int32)))
-    return new, RoundInfo(c.ids, c.lr, r.global_loss, r.personal_loss, r.active, r.replaced,
-                          r.replaced_components)
+      round=state.round + 1,
+      server=_aggregate(setup, state, r.upload, c),
+      personal=scatter(state.personal, c.ids, r.personal),
+      student_loss=state.student_loss.at[c.ids].set(r.student_loss),
+      replaced_tasks=state.replaced_tasks.at[c.ids].add(r.replaced.astype(jnp.int32)),
+      replaced_components=state.replaced_components.at[c.ids].add(r.replaced_components.astype(jnp.int32)),
+    )
+    return new, RoundInfo(
+      c.ids, c.lr, r.global_loss, r.personal_loss, r.active, r.replaced, r.replaced_components
+    )
 
   return Algorithm(init, round_)
 
 
-def _train_cohort(setup: Setup, c: _Cohort, starts: PyTree, frozen: PyTree, root: jax.Array,
-                  round_: jax.Array, data_purpose: int, dropout_purpose: int):
+def _train_cohort(
+  setup: Setup,
+  c: _Cohort,
+  starts: PyTree,
+  frozen: PyTree,
+  root: jax.Array,
+  round_: jax.Array,
+  data_purpose: int,
+  dropout_purpose: int,
+):
   """One plain local training per cohort client from ``starts [cohort, ...]``:
   ``(params [cohort, ...], loss record [cohort, tasks], seen [cohort, tasks])``."""
   loss_fn = supervised_loss(setup.objective, frozen)
 
   def client(cid, params, examples, n, has_task, held):
     key = functools.partial(derive, root, Stage.FEDERATED, round_, cid)
-    r = _train(setup, loss_fn, params, examples, n, held, c.lr, key(data_purpose),
-               key(dropout_purpose), setup.local)
+    r = _train(
+      setup, loss_fn, params, examples, n, held, c.lr, key(data_purpose), key(dropout_purpose), setup.local
+    )
     return r.params, _record(setup, r), has_task & (r.task_count > 0)
 
   return setup.client_map(client)(c.ids, starts, c.examples, c.num_examples, c.tasks, c.held)
 
 
 def _no_replacement_info(setup: Setup, c: _Cohort, global_loss, personal_loss, active) -> RoundInfo:
-  return RoundInfo(c.ids, c.lr, global_loss, personal_loss, active, jnp.zeros_like(active),
-                   jnp.zeros((setup.cohort_size, setup.num_components), bool))
+  return RoundInfo(
+    c.ids,
+    c.lr,
+    global_loss,
+    personal_loss,
+    active,
+    jnp.zeros_like(active),
+    jnp.zeros((setup.cohort_size, setup.num_components), bool),
+  )
 
 
 def fedavg(setup: Setup) -> Algorithm:
@@ -380,8 +490,9 @@ def fedavg(setup: Setup) -> Algorithm:
   def round_(state: State, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
     c = _cohort(setup, state, data, hp, root)
     starts = stack(final_global(setup, state), setup.cohort_size)
-    g_params, g_loss, active = _train_cohort(setup, c, starts, frozen, root, state.round,
-                                             Purpose.GLOBAL_DATA, Purpose.GLOBAL_DROPOUT)
+    g_params, g_loss, active = _train_cohort(
+      setup, c, starts, frozen, root, state.round, Purpose.GLOBAL_DATA, Purpose.GLOBAL_DROPOUT
+    )
     new = state._replace(round=state.round + 1, server=_aggregate(setup, state, g_params, c))
     return new, _no_replacement_info(setup, c, g_loss, jnp.full_like(g_loss, jnp.nan), active)
 
@@ -396,8 +507,16 @@ def local_only(setup: Setup) -> Algorithm:
 
   def round_(state: State, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
     c = _cohort(setup, state, data, hp, root)
-    personal, p_loss, active = _train_cohort(setup, c, gather(state.personal, c.ids), frozen, root,
-                                             state.round, Purpose.LOCAL_DATA, Purpose.LOCAL_DROPOUT)
+    personal, p_loss, active = _train_cohort(
+      setup,
+      c,
+      gather(state.personal, c.ids),
+      frozen,
+      root,
+      state.round,
+      Purpose.LOCAL_DATA,
+      Purpose.LOCAL_DROPOUT,
+    )
     new = state._replace(round=state.round + 1, personal=scatter(state.personal, c.ids, personal))
     return new, _no_replacement_info(setup, c, jnp.full_like(p_loss, jnp.nan), p_loss, active)
 
@@ -418,11 +537,20 @@ def post_train(setup: Setup) -> Callable[..., PyTree]:
 
     def client(cid, examples, n, held):
       key = functools.partial(derive, root, Stage.POST, 0, cid)
-      return _train(setup, loss_fn, global_params, examples, n, held, hp.post_lr,
-                    key(Purpose.TEACHER_DATA), key(Purpose.TEACHER_DROPOUT), setup.post).params
+      return _train(
+        setup,
+        loss_fn,
+        global_params,
+        examples,
+        n,
+        held,
+        hp.post_lr,
+        key(Purpose.TEACHER_DATA),
+        key(Purpose.TEACHER_DROPOUT),
+        setup.post,
+      ).params
 
-    return setup.client_map(client)(ids, data.examples, data.num_examples,
-                                    client_holders(setup, data))
+    return setup.client_map(client)(ids, data.examples, data.num_examples, client_holders(setup, data))
 
   return run
 
@@ -433,18 +561,30 @@ def distill_personal(setup: Setup) -> Callable[..., PyTree]:
   ``kd_weight[task]`` * KD(teacher || student). ``kd_weight = 0`` is "TAP without KD"
   (same compiled program)."""
 
-  def run(personal: PyTree, teachers: PyTree, frozen: PyTree, data: FedData, hp: HParams,
-          root: jax.Array):
+  def run(personal: PyTree, teachers: PyTree, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
     ids = jnp.arange(data.num_examples.shape[0], dtype=jnp.int32)
 
     def client(cid, params, teacher, examples, n, held_c):
       key = functools.partial(derive, root, Stage.POST, 0, cid)
-      return distill.distill(setup.objective, params, teacher, frozen, examples, n,
-                             key(Purpose.TEACHER_DATA), key(Purpose.STUDENT_DROPOUT), hp.post_lr,
-                             setup.post, hp.kd_weight, hp.temperature, setup.num_tasks,
-                             components.leaf_mask(held_c, setup.leaf_ids)).params
+      return distill.distill(
+        setup.objective,
+        params,
+        teacher,
+        frozen,
+        examples,
+        n,
+        key(Purpose.TEACHER_DATA),
+        key(Purpose.STUDENT_DROPOUT),
+        hp.post_lr,
+        setup.post,
+        hp.kd_weight,
+        hp.temperature,
+        setup.num_tasks,
+        components.leaf_mask(held_c, setup.leaf_ids),
+      ).params
 
-    return setup.client_map(client)(ids, personal, teachers, data.examples, data.num_examples,
-                                    client_holders(setup, data))
+    return setup.client_map(client)(
+      ids, personal, teachers, data.examples, data.num_examples, client_holders(setup, data)
+    )
 
   return run

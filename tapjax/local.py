@@ -10,6 +10,7 @@ mean training losses are returned: they feed TAP's replacement rule.
 
 Write for one client; map over clients with :mod:`tapjax.sharding`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,19 +30,21 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class LocalConfig:
   """Static shape of a local training call (changing it recompiles)."""
-  steps: int            # optimizer steps
-  batch_size: int       # examples per micro-batch
-  accum: int = 1        # micro-batches per step (gradient accumulation)
+
+  steps: int  # optimizer steps
+  batch_size: int  # examples per micro-batch
+  accum: int = 1  # micro-batches per step (gradient accumulation)
   weight_decay: float = 0.01
   clip_norm: float = 1.0
 
 
 class TrainResult(NamedTuple):
   """Trained parameters and the per-task training-loss record of one call."""
+
   params: PyTree
   task_loss_sum: jax.Array  # [tasks] sum of per-example training losses (train mode)
-  task_count: jax.Array     # [tasks] examples of each task seen
-  num_seen: jax.Array       # scalar, examples seen in all (steps * accum * batch_size)
+  task_count: jax.Array  # [tasks] examples of each task seen
+  num_seen: jax.Array  # scalar, examples seen in all (steps * accum * batch_size)
 
   @classmethod
   def like(cls, params: PyTree, num_tasks: int) -> "TrainResult":
@@ -59,8 +62,9 @@ class TrainResult(NamedTuple):
     return self.task_loss_sum / self.num_seen
 
 
-def warmup_lr(round_: jax.Array, min_lr: jax.Array, peak_lr: jax.Array,
-              warmup_rounds: jax.Array) -> jax.Array:
+def warmup_lr(
+  round_: jax.Array, min_lr: jax.Array, peak_lr: jax.Array, warmup_rounds: jax.Array
+) -> jax.Array:
   """The reference's per-round LR: linear from ``min_lr`` at round 0 to ``peak_lr``
   at round ``warmup_rounds``, then constant. All arguments may be traced."""
   frac = jnp.clip(round_ / jnp.maximum(warmup_rounds, 1), 0.0, 1.0)
@@ -69,8 +73,7 @@ def warmup_lr(round_: jax.Array, min_lr: jax.Array, peak_lr: jax.Array,
 
 def optimizer(lr: jax.Array, cfg: LocalConfig) -> optax.GradientTransformation:
   """Clip-by-global-norm then AdamW; ``lr`` may be a traced scalar."""
-  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                     optax.adamw(lr, weight_decay=cfg.weight_decay))
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(lr, weight_decay=cfg.weight_decay))
 
 
 def example_order(key: jax.Array, num_examples: jax.Array, capacity: int) -> jax.Array:
@@ -80,17 +83,27 @@ def example_order(key: jax.Array, num_examples: jax.Array, capacity: int) -> jax
   return jnp.argsort(u)
 
 
-def take_batch(data: PyTree, order: jax.Array, num_examples: jax.Array, start: jax.Array,
-               size: int) -> PyTree:
+def take_batch(
+  data: PyTree, order: jax.Array, num_examples: jax.Array, start: jax.Array, size: int
+) -> PyTree:
   """Examples ``order[start : start + size]`` (cycling over the first ``num_examples``)."""
   pos = (start + jnp.arange(size)) % jnp.maximum(num_examples, 1)
   idx = order[pos]
   return jax.tree_util.tree_map(lambda x: x[idx], data)
 
 
-def train(loss_fn: LossFn, params: PyTree, data: PyTree, num_examples: jax.Array,
-          data_key: jax.Array, dropout_key: jax.Array, lr: jax.Array, cfg: LocalConfig,
-          num_tasks: int, update_mask: PyTree | None = None) -> TrainResult:
+def train(
+  loss_fn: LossFn,
+  params: PyTree,
+  data: PyTree,
+  num_examples: jax.Array,
+  data_key: jax.Array,
+  dropout_key: jax.Array,
+  lr: jax.Array,
+  cfg: LocalConfig,
+  num_tasks: int,
+  update_mask: PyTree | None = None,
+) -> TrainResult:
   """Train one client's parameters from a fresh optimizer state.
 
   Args:
@@ -119,9 +132,11 @@ def train(loss_fn: LossFn, params: PyTree, data: PyTree, num_examples: jax.Array
   flat, unravel = ravel_pytree(params)
   flat_mask = None
   if update_mask is not None:
-    flat_mask = ravel_pytree(jax.tree_util.tree_map(
-        lambda m, x: jnp.broadcast_to(components.broadcast_to_leaf(m, x), x.shape),
-        update_mask, params))[0]
+    flat_mask = ravel_pytree(
+      jax.tree_util.tree_map(
+        lambda m, x: jnp.broadcast_to(components.broadcast_to_leaf(m, x), x.shape), update_mask, params
+      )
+    )[0]
 
   def micro(p, step, j):
     start = (step * cfg.accum + j) * cfg.batch_size
@@ -133,7 +148,7 @@ def train(loss_fn: LossFn, params: PyTree, data: PyTree, num_examples: jax.Array
       return jnp.mean(per_example), per_example
 
     (_, per_example), grads = jax.value_and_grad(objective, has_aux=True)(p)
-    onehot = jax.nn.one_hot(batch["task"], num_tasks, dtype=per_example.dtype)   # [batch, tasks]
+    onehot = jax.nn.one_hot(batch["task"], num_tasks, dtype=per_example.dtype)  # [batch, tasks]
     return grads, per_example @ onehot, jnp.sum(onehot, axis=0)
 
   def step(carry, step_idx):

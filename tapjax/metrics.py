@@ -1,4 +1,5 @@
 """Pure reductions of per-client, per-task metrics, and a mapped evaluation."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,7 +15,7 @@ PyTree = Any
 
 def per_task_sums(values: jax.Array, task: jax.Array, valid: jax.Array, num_tasks: int):
   """``([tasks], [tasks])``: sums of ``values [examples]`` and counts per task over valid examples."""
-  onehot = (jax.nn.one_hot(task, num_tasks) * valid[:, None]) > 0      # [examples, tasks]
+  onehot = (jax.nn.one_hot(task, num_tasks) * valid[:, None]) > 0  # [examples, tasks]
   # where, not a matmul: a NaN in one example must not leak into other tasks' sums
   sums = jnp.sum(jnp.where(onehot, values.astype(jnp.float32)[:, None], 0.0), axis=0)
   return sums, jnp.sum(onehot, axis=0).astype(jnp.float32)
@@ -28,9 +29,16 @@ def masked_task_mean(values: jax.Array, present: jax.Array) -> jax.Array:
   return jnp.where(n > 0, s / jnp.maximum(n, 1), jnp.nan)
 
 
-def evaluate(objective: Objective, params: PyTree, frozen: PyTree, data: PyTree,
-             num_examples: jax.Array, num_tasks: int, batch_size: int,
-             client_map: ClientMap = ClientMap()) -> tuple[dict, jax.Array]:
+def evaluate(
+  objective: Objective,
+  params: PyTree,
+  frozen: PyTree,
+  data: PyTree,
+  num_examples: jax.Array,
+  num_tasks: int,
+  batch_size: int,
+  client_map: ClientMap = ClientMap(),
+) -> tuple[dict, jax.Array]:
   """Per-client, per-task means of ``objective.metrics`` on every valid example.
 
   Args:
@@ -59,8 +67,10 @@ def evaluate(objective: Objective, params: PyTree, frozen: PyTree, data: PyTree,
       count = per_task_sums(jnp.ones_like(v, jnp.float32), batch["task"], v, num_tasks)[1]
       return jax.tree_util.tree_map(jnp.add, acc, (sums, count)), None
 
-    shapes = jax.eval_shape(lambda b: objective.metrics(objective.apply(p, frozen, b, None), b),
-                            jax.tree_util.tree_map(lambda x: x[0], d))
+    shapes = jax.eval_shape(
+      lambda b: objective.metrics(objective.apply(p, frozen, b, None), b),
+      jax.tree_util.tree_map(lambda x: x[0], d),
+    )
     zero = ({k: jnp.zeros(num_tasks) for k in shapes}, jnp.zeros(num_tasks))
     (sums, count), _ = jax.lax.scan(body, zero, (d, valid))
     means = {k: jnp.where(count > 0, s / jnp.maximum(count, 1), jnp.nan) for k, s in sums.items()}

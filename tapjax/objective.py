@@ -5,6 +5,7 @@ tapjax's core never sees a model class. It needs four pure functions, bundled in
 that carries at least ``batch["task"]`` (``[batch]`` int32, the task index of
 each example); everything else is the model's business.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional
@@ -28,17 +29,20 @@ class Objective(NamedTuple):
     metrics: ``(outputs, batch) -> {name: [batch]}`` per-example evaluation values.
       Needed only for :func:`tapjax.metrics.evaluate`.
   """
+
   apply: Callable[[PyTree, PyTree, Batch, Optional[jax.Array]], PyTree]
   loss: Callable[[PyTree, Batch], jax.Array]
   divergence: Optional[Callable[[PyTree, PyTree, Batch, jax.Array], jax.Array]] = None
   metrics: Optional[Callable[[PyTree, Batch], dict]] = None
 
 
-LossFn = Callable[[PyTree, Batch, jax.Array], jax.Array]   # (params, batch, key) -> [batch]
+LossFn = Callable[[PyTree, Batch, jax.Array], jax.Array]  # (params, batch, key) -> [batch]
 
 
 def supervised_loss(objective: Objective, frozen: PyTree) -> LossFn:
   """``(params, batch, key) -> [batch]``: the objective's task loss, in train mode."""
+
   def loss_fn(params, batch, key):
     return objective.loss(objective.apply(params, frozen, batch, key), batch)
+
   return loss_fn

@@ -11,6 +11,7 @@ For one client (vmap for many):
 ``student_loss`` starts at ``+inf`` (see :func:`initial_student_loss`), so a
 client's first visit always copies every component its tasks use.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -28,8 +29,9 @@ def initial_student_loss(num_clients: int, num_tasks: int) -> jax.Array:
   return jnp.full((num_clients, num_tasks), jnp.inf, jnp.float32)
 
 
-def decide(teacher_loss: jax.Array, student_loss: jax.Array, margin: jax.Array,
-           active: jax.Array) -> jax.Array:
+def decide(
+  teacher_loss: jax.Array, student_loss: jax.Array, margin: jax.Array, active: jax.Array
+) -> jax.Array:
   """``[tasks]`` bool: replace task ``t`` iff ``teacher_loss[t] + margin[t] < student_loss[t]``.
 
   Args:
@@ -67,14 +69,23 @@ def merge(personal: PyTree, teacher: PyTree, component_mask: jax.Array, leaf_ids
 
 class Replacement(NamedTuple):
   """Result of :func:`replace` for one client."""
-  params: PyTree            # the merged personal parameters
-  tasks: jax.Array          # [tasks] bool, tasks whose rule fired
-  components: jax.Array     # [components] bool, components copied
+
+  params: PyTree  # the merged personal parameters
+  tasks: jax.Array  # [tasks] bool, tasks whose rule fired
+  components: jax.Array  # [components] bool, components copied
 
 
-def replace(personal: PyTree, teacher: PyTree, teacher_loss: jax.Array, student_loss: jax.Array,
-            margin: jax.Array, active: jax.Array, usage: jax.Array, held: jax.Array,
-            leaf_ids: PyTree) -> Replacement:
+def replace(
+  personal: PyTree,
+  teacher: PyTree,
+  teacher_loss: jax.Array,
+  student_loss: jax.Array,
+  margin: jax.Array,
+  active: jax.Array,
+  usage: jax.Array,
+  held: jax.Array,
+  leaf_ids: PyTree,
+) -> Replacement:
   """:func:`decide`, :func:`expand` and :func:`merge` in one call (one client)."""
   tasks = decide(teacher_loss, student_loss, margin, active)
   comps = expand(tasks, usage, held)

@@ -6,6 +6,7 @@ into a function over a leading ``[clients]`` axis of *all* its arguments
 never stacked). The strategy is a choice because which is fastest depends on
 the platform and client size (see the README's benchmark table).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,10 @@ def client_mesh(num_devices: int | None = None, devices=None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices) if num_devices is None else num_devices
   if n > len(devices):
-    raise ValueError(f"asked for {n} devices but only {len(devices)} exist; on CPU set "
-                     "XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax")
+    raise ValueError(
+      f"asked for {n} devices but only {len(devices)} exist; on CPU set "
+      "XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax"
+    )
   arr = np.asarray(devices[:n])
   axis_type = getattr(jax.sharding, "AxisType", None)
   if axis_type is not None:
@@ -59,6 +62,7 @@ class ClientMap:
     batch_size: clients per ``lax.map`` iteration (``None`` = one at a time).
     mesh: for ``"shard"``; defaults to all devices.
   """
+
   strategy: str = "vmap"
   batch_size: int | None = None
   mesh: Mesh | None = None
@@ -71,14 +75,16 @@ class ClientMap:
     if self.strategy == "vmap":
       return jax.vmap(fn)
     if self.strategy == "map":
+
       def mapped(*args):
         return jax.lax.map(lambda a: fn(*a), args, batch_size=self.batch_size)
+
       return mapped
     mesh = self.mesh if self.mesh is not None else client_mesh()
     spec = client_sharding(mesh)
-    constrain = lambda tree: jax.tree_util.tree_map(
-        lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
+    constrain = lambda tree: jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
 
     def sharded(*args):
       return constrain(jax.vmap(fn)(*constrain(args)))
+
     return sharded

@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices (before jax is imported) and an offline HF hub."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "")

@@ -8,10 +8,13 @@ from tapjax.sharding import client_mesh, place_clients
 
 # components: 0 held by clients 0 and 1, 1 held by client 1 only, 2 held by nobody
 LEAF_IDS = {"a": 0, "b": 1, "c": 2}
-HELD = jnp.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]], bool)     # [clients, comps]
+HELD = jnp.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]], bool)  # [clients, comps]
 WEIGHTS = jnp.array([1.0, 3.0, 5.0])
-STACKED = {"a": jnp.array([[1.0, 2.0], [5.0, 6.0], [100.0, 100.0]]),
-           "b": jnp.array([7.0, 8.0, 9.0]), "c": jnp.array([1.0, 2.0, 3.0])}
+STACKED = {
+  "a": jnp.array([[1.0, 2.0], [5.0, 6.0], [100.0, 100.0]]),
+  "b": jnp.array([7.0, 8.0, 9.0]),
+  "c": jnp.array([1.0, 2.0, 3.0]),
+}
 GLOBAL = {"a": jnp.zeros(2), "b": jnp.array(-1.0), "c": jnp.array(42.0)}
 
 
@@ -19,8 +22,8 @@ def test_masked_weighted_mean_hand_numbers():
   agg = tapjax.masked_mean(STACKED, HELD, WEIGHTS, LEAF_IDS, GLOBAL)
   # a: (1*[1,2] + 3*[5,6]) / 4 ; client 2 does not hold it, its weight is ignored
   np.testing.assert_allclose(agg.mean["a"], [4.0, 5.0])
-  np.testing.assert_allclose(agg.mean["b"], 8.0)          # held by one client: its value
-  np.testing.assert_allclose(agg.mean["c"], 42.0)         # held by nobody: keeps its value
+  np.testing.assert_allclose(agg.mean["b"], 8.0)  # held by one client: its value
+  np.testing.assert_allclose(agg.mean["c"], 42.0)  # held by nobody: keeps its value
   np.testing.assert_array_equal(agg.sent, [True, True, False])
 
 
@@ -33,15 +36,17 @@ def test_server_optimizers():
   state = tapjax.server_init(GLOBAL, adam)
   for _ in range(3):
     state = tapjax.server_update(state, agg, LEAF_IDS, adam)
-  assert float(state.params["c"]) == 42.0                  # unsent component never drifts
-  assert np.all(np.asarray(state.params["a"]) > 0)         # moved towards the mean
+  assert float(state.params["c"]) == 42.0  # unsent component never drifts
+  assert np.all(np.asarray(state.params["a"]) > 0)  # moved towards the mean
 
 
 def test_sharded_over_8_devices_equals_single_device():
   n = 8
   rng = np.random.default_rng(0)
-  stacked = {"a": jnp.asarray(rng.normal(size=(n, 4, 3)), jnp.float32),
-             "b": jnp.asarray(rng.normal(size=(n, 5)), jnp.float32)}
+  stacked = {
+    "a": jnp.asarray(rng.normal(size=(n, 4, 3)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(n, 5)), jnp.float32),
+  }
   held = jnp.asarray(rng.random((n, 2)) > 0.4)
   w = jnp.asarray(rng.integers(1, 50, n), jnp.float32)
   ids = {"a": 0, "b": 1}
@@ -52,5 +57,4 @@ def test_sharded_over_8_devices_equals_single_device():
   sharded = f(place_clients(stacked, mesh), place_clients(held, mesh), place_clients(w, mesh))
   assert len(jax.tree_util.tree_leaves(stacked)[0].sharding.device_set) == 1
   assert len(place_clients(stacked, mesh)["a"].sharding.device_set) == 8
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
-                         single, sharded)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), single, sharded)

@@ -5,8 +5,11 @@ import tapjax
 
 
 def test_assign_components_with_groups_and_usage():
-  params = {"enc_img": {"lora_a": np.zeros(2)}, "enc_txt": {"w": np.zeros(1)},
-            "head_cls": {"w": np.zeros(3), "b": np.zeros(1)}}
+  params = {
+    "enc_img": {"lora_a": np.zeros(2)},
+    "enc_txt": {"w": np.zeros(1)},
+    "head_cls": {"w": np.zeros(3), "b": np.zeros(1)},
+  }
   rules = [tapjax.Rule(r"^enc_(\w+)/", r"encoder/\1"), tapjax.Rule(r"^head_(\w+)/", r"head/\1")]
   names, ids = tapjax.assign_components(params, rules)
   assert names == ("encoder/img", "encoder/txt", "head/cls")

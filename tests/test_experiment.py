@@ -1,4 +1,5 @@
 """Smoke: the experiment module end to end on the tiny config in a tmp workdir."""
+
 import json
 import math
 import os
@@ -13,10 +14,18 @@ METHODS = {"local", "fedavg", "fedavg_post", "tap_no_kd", "tap"}
 
 
 def run_tap(workdir, *extra):
-  cmd = [sys.executable, "-m", "experiments.tap", f"--workdir={workdir}",
-         "--config=experiments/configs/tiny.py", "--config.compilation_cache=", *extra]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                        env={**os.environ, "TQDM_DISABLE": "1"})
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.tap",
+    f"--workdir={workdir}",
+    "--config=experiments/configs/tiny.py",
+    "--config.compilation_cache=",
+    *extra,
+  ]
+  return subprocess.run(
+    cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
+  )
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +39,26 @@ def workdir(tmp_path_factory):
 def test_writes_metrics_results_and_plots(workdir):
   wd, stdout = workdir
   lines = (wd / "metrics.jsonl").read_text().splitlines()
-  assert len(lines) == 2                                  # tiny config: 2 rounds
+  assert len(lines) == 2  # tiny config: 2 rounds
   rec = json.loads(lines[-1])
   assert rec["round"] == 2 and len(rec["clients"]) == 2
-  assert set(rec["cumulative_replaced"]) == {"image_classification", "text_classification",
-                                             "image_generation", "text_generation"}
+  assert set(rec["cumulative_replaced"]) == {
+    "image_classification",
+    "text_classification",
+    "image_generation",
+    "text_generation",
+  }
   # the first visit always replaces: round 1 fired for every task of both clients
   assert sum(json.loads(lines[0])["replaced"].values()) >= 2
   results = json.loads((wd / "results.json").read_text())
   assert set(results["methods"]) == METHODS
   kinds = {t["name"]: t["kind"] for t in results["tasks"]}
-  want = {"image_classification": {"accuracy"}, "text_classification": {"accuracy"},
-          "image_generation": {"mse"}, "text_generation": {"token_accuracy", "token_ce", "perplexity"}}
+  want = {
+    "image_classification": {"accuracy"},
+    "text_classification": {"accuracy"},
+    "image_generation": {"mse"},
+    "text_generation": {"token_accuracy", "token_ce", "perplexity"},
+  }
   for method in results["methods"].values():
     assert len(method["clients"]) == 10
     for client, tasks in method["clients"].items():
@@ -64,6 +81,5 @@ def test_refuses_to_overwrite_and_loses_nothing(workdir):
 
 
 def test_missing_workdir_is_a_usage_error():
-  out = subprocess.run([sys.executable, "-m", "experiments.tap"], cwd=ROOT, capture_output=True,
-                       text=True)
+  out = subprocess.run([sys.executable, "-m", "experiments.tap"], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode != 0 and "workdir" in out.stderr

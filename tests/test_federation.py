@@ -1,5 +1,6 @@
 """TAP and FedAvg rounds against a naive reference-style oracle, and the
 mapping strategies, trace counts and order independence."""
+
 import copy
 import functools
 
@@ -20,10 +21,15 @@ ROUNDS = 3
 @pytest.fixture(scope="module")
 def world():
   setup, names, params = toy.make_setup()
-  return dict(setup=setup, names=names, params=params, data=toy.make_data(),
-              frozen=toy.frozen_params(jax.random.key(1)), root=jax.random.key(7),
-              hp=tapjax.HParams.create(toy.T, margin=[0.01, 0.005, 0.01], lr_peak=3e-2,
-                                       lr_min=1e-2, warmup_rounds=2))
+  return dict(
+    setup=setup,
+    names=names,
+    params=params,
+    data=toy.make_data(),
+    frozen=toy.frozen_params(jax.random.key(1)),
+    root=jax.random.key(7),
+    hp=tapjax.HParams.create(toy.T, margin=[0.01, 0.005, 0.01], lr_peak=3e-2, lr_min=1e-2, warmup_rounds=2),
+  )
 
 
 def run(alg, world, rounds=ROUNDS, hp=None):
@@ -36,13 +42,19 @@ def run(alg, world, rounds=ROUNDS, hp=None):
   return state, infos
 
 
-def component_of(top_key):
-  """Reference style: the component is found from the parameter's name."""
+def slots(top_key):
+  """Reference style, from the parameter's name: ``[(slot index or None, component)]``."""
   if top_key.startswith("enc_"):
-    return "enc/" + top_key[4:]
-  if top_key.startswith("head_"):
-    return "head/" + top_key[5:]
-  return top_key
+    return [(None, "enc/" + top_key[4:])]
+  if top_key == "head":  # the stacked head leaves: one component per slot
+    return [(t, f"head/{t}") for t in range(toy.T)]
+  return [(None, top_key)]
+
+
+def holds(top_key, held):
+  """The update mask of one top-level entry: a bool, or one bool per slot."""
+  s = slots(top_key)
+  return s[0][1] in held if s[0][0] is None else np.array([c in held for _, c in s])
 
 
 def naive_tap(world, rounds=ROUNDS, personal_models=True):
@@ -63,13 +75,13 @@ def naive_tap(world, rounds=ROUNDS, personal_models=True):
     for cid in ids:
       tasks = [t for t in range(toy.T) if toy.CLIENT_TASKS[cid, t]]
       held = set().union(*[toy.TASK_USES[t] for t in tasks])
-      mask = {k: jax.tree_util.tree_map(lambda _: component_of(k) in held, v)
-              for k, v in global_params.items()}
+      mask = {k: jax.tree_util.tree_map(lambda _: holds(k, held), v) for k, v in global_params.items()}
       arrays = {k: v[cid] for k, v in data.examples.items()}
       n = data.num_examples[cid]
       key = lambda p: derive(root, Stage.FEDERATED, r, cid, p)
-      g = train(global_params, arrays, n, key(Purpose.GLOBAL_DATA), key(Purpose.GLOBAL_DROPOUT),
-                lr, update_mask=mask)
+      g = train(
+        global_params, arrays, n, key(Purpose.GLOBAL_DATA), key(Purpose.GLOBAL_DROPOUT), lr, update_mask=mask
+      )
       uploads[cid] = to_np(g.params)
       if not personal_models:
         continue
@@ -80,11 +92,17 @@ def naive_tap(world, rounds=ROUNDS, personal_models=True):
           any_replaced = True
           replaced[cid][t] += 1
           for k in global_params:
-            if component_of(k) in toy.TASK_USES[t]:
-              personal[cid][k] = copy.deepcopy(uploads[cid][k])
+            for i, comp in slots(k):
+              if comp not in toy.TASK_USES[t]:
+                continue
+              for leaf in global_params[k]:
+                if i is None:
+                  personal[cid][k][leaf] = copy.deepcopy(uploads[cid][k][leaf])
+                else:
+                  personal[cid][k][leaf] = personal[cid][k][leaf].copy()
+                  personal[cid][k][leaf][i] = uploads[cid][k][leaf][i]
       data_key = key(Purpose.PERSONAL_DATA) if any_replaced else key(Purpose.GLOBAL_DATA)
-      p = train(personal[cid], arrays, n, data_key, key(Purpose.PERSONAL_DROPOUT), lr,
-                update_mask=mask)
+      p = train(personal[cid], arrays, n, data_key, key(Purpose.PERSONAL_DROPOUT), lr, update_mask=mask)
       personal[cid] = to_np(p.params)
       p_loss, p_count = np.asarray(p.task_mean()), np.asarray(p.task_count)
       for t in tasks:
@@ -92,15 +110,23 @@ def naive_tap(world, rounds=ROUNDS, personal_models=True):
           student[cid][t] = float(p_loss[t])
     new_global = {}
     for k in global_params:
-      holders = [c for c in ids
-                 if component_of(k) in set().union(*[toy.TASK_USES[t] for t in range(toy.T)
-                                                     if toy.CLIENT_TASKS[c, t]])]
-      if not holders:
-        new_global[k] = global_params[k]
-        continue
-      w = {c: float(data.num_examples[c]) for c in holders}
-      new_global[k] = {leaf: sum(w[c] * uploads[c][k][leaf] for c in holders) / sum(w.values())
-                       for leaf in global_params[k]}
+      new_global[k] = {leaf: np.array(v, copy=True) for leaf, v in global_params[k].items()}
+      for i, comp in slots(k):
+        holders = [
+          c
+          for c in ids
+          if comp in set().union(*[toy.TASK_USES[t] for t in range(toy.T) if toy.CLIENT_TASKS[c, t]])
+        ]
+        if not holders:
+          continue
+        w = {c: float(data.num_examples[c]) for c in holders}
+        for leaf in global_params[k]:
+          part = (lambda x: x) if i is None else (lambda x: x[i])
+          mean = sum(w[c] * part(uploads[c][k][leaf]) for c in holders) / sum(w.values())
+          if i is None:
+            new_global[k][leaf] = mean
+          else:
+            new_global[k][leaf][i] = mean
     global_params = new_global
   return global_params, personal, student, replaced
 
@@ -119,7 +145,7 @@ def test_tap_equals_naive_oracle(world):
       np.testing.assert_allclose(state.student_loss[c, t], student[c][t], rtol=1e-5)
       assert int(state.replaced_tasks[c, t]) == replaced[c][t]
   total = int(state.replaced_tasks.sum())
-  assert 0 < total < sum(int(i.active.sum()) for i in infos)   # some fired, not all
+  assert 0 < total < sum(int(i.active.sum()) for i in infos)  # some fired, not all
   # replacement counts per component are consistent with per-task counts
   assert int(state.replaced_components.sum()) >= total
 
@@ -141,10 +167,14 @@ def test_local_only_never_shares(world):
     assert changed == (c in trained)
 
 
-@pytest.mark.parametrize("client_map", [
+@pytest.mark.parametrize(
+  "client_map",
+  [
     tapjax.ClientMap("map", batch_size=2),
     tapjax.ClientMap("shard", mesh=tapjax.client_mesh(8)),
-], ids=["lax.map", "shard8"])
+  ],
+  ids=["lax.map", "shard8"],
+)
 def test_strategies_equal_vmap(world, client_map):
   ref, _ = run(tapjax.tap(world["setup"]), world, rounds=2)
   setup = toy.make_setup(client_map=client_map)[0]
@@ -159,8 +189,7 @@ def test_sharded_round_really_shards(world):
   setup = toy.make_setup(client_map=tapjax.ClientMap("shard", mesh=mesh), cohort_size=4)[0]
   alg = tapjax.tap(setup)
   state = alg.init(world["params"], len(toy.CLIENT_TASKS))
-  lowered = jax.jit(alg.round).lower(state, world["frozen"], world["data"], world["hp"],
-                                     world["root"])
+  lowered = jax.jit(alg.round).lower(state, world["frozen"], world["data"], world["hp"], world["root"])
   hlo = lowered.compile().as_text()
   assert "all-reduce" in hlo or "reduce-scatter" in hlo or "all-gather" in hlo
 
@@ -173,13 +202,15 @@ def test_no_retrace_when_numbers_change(world):
   state, _ = fn(state, world["frozen"], world["data"], world["hp"], world["root"])
   traces = toy.TRACES["apply"]
   for r in range(3):
-    hp = tapjax.HParams.create(toy.T, margin=[0.1 * r, 0.0, 0.02], kd_weight=[r, 1.0, 0.5],
-                               lr_peak=1e-3 * (r + 1), temperature=1.0 + r)
+    hp = tapjax.HParams.create(
+      toy.T, margin=[0.1 * r, 0.0, 0.02], kd_weight=[r, 1.0, 0.5], lr_peak=1e-3 * (r + 1), temperature=1.0 + r
+    )
     state, _ = fn(state, world["frozen"], world["data"], hp, jax.random.key(100 + r))
   assert toy.TRACES["apply"] == traces
   # stage 2: KD weights (TAP vs TAP without KD) are numbers too
-  teachers = jax.jit(tapjax.post_train(setup))(state.server.params, world["frozen"], world["data"],
-                                                world["hp"], world["root"])
+  teachers = jax.jit(tapjax.post_train(setup))(
+    state.server.params, world["frozen"], world["data"], world["hp"], world["root"]
+  )
   dist = jax.jit(tapjax.distill_personal(setup))
   args = (state.personal, teachers, world["frozen"], world["data"])
   hp = tapjax.HParams.create(toy.T, kd_weight=5.0, post_lr=1e-2)
@@ -187,7 +218,7 @@ def test_no_retrace_when_numbers_change(world):
   traces = toy.TRACES["apply"]
   b = dist(*args, tapjax.HParams.create(toy.T, kd_weight=0.0, post_lr=1e-2), world["root"])
   assert toy.TRACES["apply"] == traces
-  assert float(jnp.abs(a["shared"]["w"] - b["shared"]["w"]).max()) > 1e-3   # KD changes the result
+  assert float(jnp.abs(a["shared"]["w"] - b["shared"]["w"]).max()) > 1e-3  # KD changes the result
 
 
 def test_client_randomness_independent_of_cohort_order(world, monkeypatch):
@@ -195,8 +226,10 @@ def test_client_randomness_independent_of_cohort_order(world, monkeypatch):
   original = federation.sample_cohort
   monkeypatch.setattr(federation, "sample_cohort", lambda *a: original(*a)[::-1])
   rev, infos = run(tapjax.tap(world["setup"]), world, rounds=2)
-  assert np.asarray(infos[0].clients).tolist() == np.asarray(original(
-      world["root"], 0, len(toy.CLIENT_TASKS), 3))[::-1].tolist()
+  assert (
+    np.asarray(infos[0].clients).tolist()
+    == np.asarray(original(world["root"], 0, len(toy.CLIENT_TASKS), 3))[::-1].tolist()
+  )
   assert_tree_close(ref.personal, rev.personal, tol=1e-6)
   assert_tree_close(ref.server.params, rev.server.params, tol=1e-6)
 
@@ -204,13 +237,21 @@ def test_client_randomness_independent_of_cohort_order(world, monkeypatch):
 def test_stage2_post_train_and_distill_and_evaluate(world):
   setup = world["setup"]
   state, _ = run(tapjax.tap(setup), world, rounds=2)
-  teachers = tapjax.post_train(setup)(state.server.params, world["frozen"], world["data"],
-                                       world["hp"], world["root"])
-  personal = tapjax.distill_personal(setup)(state.personal, teachers, world["frozen"],
-                                            world["data"], world["hp"], world["root"])
-  means, counts = tapjax.metrics.evaluate(toy.OBJECTIVE, personal, world["frozen"],
-                                          world["data"].examples, world["data"].num_examples,
-                                          toy.T, batch_size=16)
+  teachers = tapjax.post_train(setup)(
+    state.server.params, world["frozen"], world["data"], world["hp"], world["root"]
+  )
+  personal = tapjax.distill_personal(setup)(
+    state.personal, teachers, world["frozen"], world["data"], world["hp"], world["root"]
+  )
+  means, counts = tapjax.metrics.evaluate(
+    toy.OBJECTIVE,
+    personal,
+    world["frozen"],
+    world["data"].examples,
+    world["data"].num_examples,
+    toy.T,
+    batch_size=16,
+  )
   # present exactly where the client has the task
   np.testing.assert_array_equal(np.asarray(counts) > 0, toy.CLIENT_TASKS)
   acc = np.asarray(means["accuracy"])

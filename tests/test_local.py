@@ -14,9 +14,11 @@ def test_warmup_lr_hand_numbers(round_, want):
 
 def _linear_problem():
   rng = np.random.default_rng(0)
-  data = {"x": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32),
-          "y": jnp.asarray(rng.normal(size=(16,)), jnp.float32),
-          "task": jnp.asarray(np.arange(16) % 2, jnp.int32)}
+  data = {
+    "x": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32),
+    "y": jnp.asarray(rng.normal(size=(16,)), jnp.float32),
+    "task": jnp.asarray(np.arange(16) % 2, jnp.int32),
+  }
   loss_fn = lambda p, b, k: (b["x"] @ p["w"] + p["b"] - b["y"]) ** 2
   params = {"w": jnp.ones(3), "b": jnp.zeros(()), "unheld": jnp.ones(2)}
   return data, loss_fn, params
@@ -26,12 +28,15 @@ def test_accumulation_equals_big_batch_and_mask_freezes_unheld():
   data, loss_fn, params = _linear_problem()
   key = jax.random.key(0)
   mask = {"w": True, "b": True, "unheld": False}
-  big = local.train(loss_fn, params, data, 16, key, key, 1e-2,
-                    local.LocalConfig(steps=3, batch_size=8, accum=1), 2, mask)
-  acc = local.train(loss_fn, params, data, 16, key, key, 1e-2,
-                    local.LocalConfig(steps=3, batch_size=4, accum=2), 2, mask)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                         big.params, acc.params)
+  big = local.train(
+    loss_fn, params, data, 16, key, key, 1e-2, local.LocalConfig(steps=3, batch_size=8, accum=1), 2, mask
+  )
+  acc = local.train(
+    loss_fn, params, data, 16, key, key, 1e-2, local.LocalConfig(steps=3, batch_size=4, accum=2), 2, mask
+  )
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), big.params, acc.params
+  )
   # weight decay would shrink "unheld" if it were not masked
   np.testing.assert_array_equal(big.params["unheld"], np.ones(2))
   assert float(big.task_count.sum()) == 24.0 and float(big.num_seen) == 24.0

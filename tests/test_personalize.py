@@ -9,11 +9,11 @@ def test_decide_hand_numbers_and_first_visit():
   student = jnp.array([1.02, 1.005, jnp.inf, 0.5])
   margin = jnp.array([0.01, 0.01, 0.01, 0.01])
   active = jnp.array([True, True, True, True])
-  np.testing.assert_array_equal(tapjax.decide(teacher, student, margin, active),
-                                [True, False, True, False])
+  np.testing.assert_array_equal(tapjax.decide(teacher, student, margin, active), [True, False, True, False])
   # an inactive task never fires, even on a first visit (+inf)
-  np.testing.assert_array_equal(tapjax.decide(teacher, student, margin, active.at[2].set(False)),
-                                [True, False, False, False])
+  np.testing.assert_array_equal(
+    tapjax.decide(teacher, student, margin, active.at[2].set(False)), [True, False, False, False]
+  )
 
 
 def test_expand_restricts_to_held():
@@ -38,9 +38,17 @@ def test_replace_counts_and_params():
   teacher = {"x": jnp.ones(3), "y": jnp.ones(2)}
   leaf_ids = {"x": 0, "y": 1}
   usage = jnp.array([[1, 0], [0, 1]], bool)
-  rep = tapjax.replace(personal, teacher, jnp.array([0.5, 0.9]), jnp.array([0.7, 0.905]),
-                       jnp.array([0.1, 0.01]), jnp.array([True, True]), usage,
-                       jnp.array([True, True]), leaf_ids)
+  rep = tapjax.replace(
+    personal,
+    teacher,
+    jnp.array([0.5, 0.9]),
+    jnp.array([0.7, 0.905]),
+    jnp.array([0.1, 0.01]),
+    jnp.array([True, True]),
+    usage,
+    jnp.array([True, True]),
+    leaf_ids,
+  )
   # task 0: 0.6 < 0.7 -> replace; task 1: 0.91 < 0.905 is false
   np.testing.assert_array_equal(rep.tasks, [True, False])
   np.testing.assert_array_equal(rep.components, [True, False])

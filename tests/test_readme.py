@@ -1,4 +1,5 @@
 """The README's "compose it yourself" snippet runs as written."""
+
 import pathlib
 import re
 

@@ -1,8 +1,11 @@
 """A small multi-task, multi-"modality" model in pure JAX for the core's tests.
 
 Tasks: 0 uses modality A, 1 uses modality B, 2 uses both. Components:
-``enc/a``, ``enc/b``, ``shared``, ``head/0..2``. Clients hold different subsets.
+``enc/a``, ``enc/b``, ``shared``, ``head/0..2``; the heads are ONE stacked leaf per
+parameter (``[tasks, ...]``, slot t = ``head/t``), so every core test also covers
+stacked leaves. Clients hold different subsets.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +13,12 @@ import numpy as np
 import tapjax
 
 D, H, C, T = 6, 8, 3, 3
-TASK_MODS = ((True, False), (False, True), (True, True))   # [tasks, (a, b)]
-RULES = (tapjax.Rule(r"^enc_(\w)/", r"enc/\1"), tapjax.Rule(r"^shared/", "shared"),
-         tapjax.Rule(r"^head_(\d)/", r"head/\1"))
-TASK_USES = (("enc/a", "shared", "head/0"), ("enc/b", "shared", "head/1"),
-             ("enc/a", "enc/b", "shared", "head/2"))
+TASK_MODS = ((True, False), (False, True), (True, True))  # [tasks, (a, b)]
+TASK_USES = (
+  ("enc/a", "shared", "head/0"),
+  ("enc/b", "shared", "head/1"),
+  ("enc/a", "enc/b", "shared", "head/2"),
+)
 CLIENT_TASKS = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 0]], bool)
 
 TRACES = {"apply": 0}
@@ -23,9 +27,22 @@ TRACES = {"apply": 0}
 def init_params(key):
   ks = jax.random.split(key, 6)
   n = lambda k, s: 0.5 * jax.random.normal(k, s)
-  return {"enc_a": {"w": n(ks[0], (D, H))}, "enc_b": {"w": n(ks[1], (D, H))},
-          "shared": {"w": n(ks[2], (H, H))},
-          **{f"head_{t}": {"w": n(ks[3 + t], (H, C)), "b": jnp.zeros(C)} for t in range(T)}}
+  return {
+    "enc_a": {"w": n(ks[0], (D, H))},
+    "enc_b": {"w": n(ks[1], (D, H))},
+    "shared": {"w": n(ks[2], (H, H))},
+    # one stacked leaf per head parameter: slot t is component head/t
+    "head": {"w": n(ks[3], (T, H, C)), "b": jnp.zeros((T, C))},
+  }
+
+
+HEAD_NAMES = np.array([f"head/{t}" for t in range(T)], object)
+NAMES_TREE = {
+  "enc_a": {"w": "enc/a"},
+  "enc_b": {"w": "enc/b"},
+  "shared": {"w": "shared"},
+  "head": {"w": HEAD_NAMES, "b": HEAD_NAMES},
+}
 
 
 def frozen_params(key):
@@ -35,15 +52,14 @@ def frozen_params(key):
 def apply(params, frozen, batch, key):
   TRACES["apply"] += 1
   x = batch["x"] @ frozen["proj"]
-  mods = jnp.asarray(TASK_MODS, jnp.float32)[batch["task"]]          # [batch, 2]
-  h = (mods[:, :1] * jnp.tanh(x @ params["enc_a"]["w"]) +
-       mods[:, 1:] * jnp.tanh(x @ params["enc_b"]["w"]))
+  mods = jnp.asarray(TASK_MODS, jnp.float32)[batch["task"]]  # [batch, 2]
+  h = mods[:, :1] * jnp.tanh(x @ params["enc_a"]["w"]) + mods[:, 1:] * jnp.tanh(x @ params["enc_b"]["w"])
   h = h + jnp.tanh(h @ params["shared"]["w"])
   if key is not None:
     keep = jax.random.bernoulli(key, 0.9, h.shape)
     h = jnp.where(keep, h / 0.9, 0.0)
-  logits = jnp.stack([h @ params[f"head_{t}"]["w"] + params[f"head_{t}"]["b"] for t in range(T)])
-  return jnp.take_along_axis(logits, batch["task"][None, :, None], axis=0)[0]   # [batch, C]
+  logits = jnp.einsum("bh,thc->tbc", h, params["head"]["w"]) + params["head"]["b"][:, None]
+  return jnp.take_along_axis(logits, batch["task"][None, :, None], axis=0)[0]  # [batch, C]
 
 
 def loss(logits, batch):
@@ -56,8 +72,10 @@ def divergence(s, t, batch, temperature):
 
 
 def metrics(logits, batch):
-  return {"accuracy": (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
-          "loss": loss(logits, batch)}
+  return {
+    "accuracy": (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
+    "loss": loss(logits, batch),
+  }
 
 
 OBJECTIVE = tapjax.Objective(apply, loss, divergence, metrics)
@@ -78,16 +96,25 @@ def make_data(seed=0, capacity=40):
     task[c, :n] = tasks[np.arange(n) % len(tasks)]
     x[c, :n] = rng.normal(size=(n, D)) + 0.3 * c
     label[c, :n] = np.argmax(np.einsum("nd,ndc->nc", x[c, :n], w_task[task[c, :n]]), -1)
-  return tapjax.FedData({"x": jnp.asarray(x), "task": jnp.asarray(task), "label": jnp.asarray(label)},
-                        jnp.asarray(sizes), jnp.asarray(CLIENT_TASKS))
+  return tapjax.FedData(
+    {"x": jnp.asarray(x), "task": jnp.asarray(task), "label": jnp.asarray(label)},
+    jnp.asarray(sizes),
+    jnp.asarray(CLIENT_TASKS),
+  )
 
 
 def make_setup(client_map=tapjax.ClientMap(), cohort_size=3, **kw):
   params = init_params(jax.random.key(0))
-  names, leaf_ids = tapjax.assign_components(params, RULES)
+  names, leaf_ids = tapjax.assign_named(NAMES_TREE)
   usage = tapjax.usage_matrix(names, TASK_USES)
-  setup = tapjax.Setup(objective=OBJECTIVE, leaf_ids=leaf_ids, usage=usage,
-                       local=tapjax.LocalConfig(steps=3, batch_size=8, accum=2),
-                       post=tapjax.LocalConfig(steps=4, batch_size=8, accum=1),
-                       cohort_size=cohort_size, client_map=client_map, **kw)
+  setup = tapjax.Setup(
+    objective=OBJECTIVE,
+    leaf_ids=leaf_ids,
+    usage=usage,
+    local=tapjax.LocalConfig(steps=3, batch_size=8, accum=2),
+    post=tapjax.LocalConfig(steps=4, batch_size=8, accum=1),
+    cohort_size=cohort_size,
+    client_map=client_map,
+    **kw,
+  )
   return setup, names, params

@@ -1,7 +1,8 @@
 """A seconds-long run on a random tiny backbone (for smoke tests).
 
-  python -m experiments.tap --workdir=/tmp/tiny --config=experiments/configs/tiny.py
+python -m experiments.tap --workdir=/tmp/tiny --config=experiments/configs/tiny.py
 """
+
 from experiments.configs import default
 
 

@@ -159,8 +159,7 @@ def _unique_draws(
 SHAPE_KINDS: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "stripes")
 
 
-def _shape_masks(kind: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: np.ndarray,
-                 size: int) -> np.ndarray:
+def _shape_masks(kind: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: np.ndarray, size: int) -> np.ndarray:
   """Boolean masks ``[n, S, S]`` of shapes ``kind[n]`` (indices into SHAPE_KINDS).
 
   Centres ``cx, cy`` and radii ``r`` are in pixels, all ``[n]``.
@@ -186,15 +185,17 @@ def _shape_masks(kind: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: np.ndarray
   return np.take_along_axis(masks, kind[:, None, None, None], axis=1)[:, 0]
 
 
-def _backgrounds(rng: np.random.Generator, base: np.ndarray, size: int, gradient: float,
-                 noise: np.ndarray) -> np.ndarray:
+def _backgrounds(
+  rng: np.random.Generator, base: np.ndarray, size: int, gradient: float, noise: np.ndarray
+) -> np.ndarray:
   """Backgrounds ``[n, S, S, 3]``: colour ``base [n, 3]`` + a linear gradient + pixel noise ``[n]``."""
   n = len(base)
   angle = rng.uniform(0, 2 * np.pi, n)
   amp = rng.uniform(0, gradient, n)
   t = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
-  ramp = (np.cos(angle)[:, None, None] * t[None, None, :]
-          + np.sin(angle)[:, None, None] * t[None, :, None])  # [n, S, S]
+  ramp = (
+    np.cos(angle)[:, None, None] * t[None, None, :] + np.sin(angle)[:, None, None] * t[None, :, None]
+  )  # [n, S, S]
   img = base[:, None, None, :] + (amp[:, None, None] * ramp)[..., None]
   img = img + rng.normal(0, 1, (n, size, size, 3)) * noise[:, None, None, None]
   return img
@@ -223,8 +224,9 @@ def _shapes_gen(rng: np.random.Generator, n: int, size: int) -> _Raw:
     kind = rng.integers(0, len(SHAPE_KINDS), n)
     mask = _shape_masks(kind, cx, cy, r, size) & (count > k)[:, None, None]
     img = _paint(img, mask, rng.uniform(0, 1, (n, 3)))
-  return _Raw(label=np.zeros(n, np.int32), domain=_domain_ids(["general_object"] * n),
-              image=np.clip(img, 0, 1))
+  return _Raw(
+    label=np.zeros(n, np.int32), domain=_domain_ids(["general_object"] * n), image=np.clip(img, 0, 1)
+  )
 
 
 def _shapes_cls(rng: np.random.Generator, n: int, size: int) -> _Raw:
@@ -353,8 +355,9 @@ def _augment_digits(rng: np.random.Generator, base: np.ndarray, size: int) -> np
   return np.repeat(np.clip(img, 0, 1)[..., None], 3, axis=-1)
 
 
-def _digits_parts(rng: np.random.Generator, num_groups: int, parts: int,
-                  total: int) -> list[list[np.ndarray]]:
+def _digits_parts(
+  rng: np.random.Generator, num_groups: int, parts: int, total: int
+) -> list[list[np.ndarray]]:
   """Shuffled digit indices cut into ``[group][part]`` contiguous blocks."""
   perm = rng.permutation(total)
   shards = np.array_split(perm, num_groups)
@@ -374,79 +377,165 @@ TOPICS: tuple[str, ...] = ("world", "sports", "business", "science")
 
 _GENERIC = {
   "actor": (
-    "officials", "the leader", "the group", "a spokesman", "the team", "analysts", "the committee",
+    "officials",
+    "the leader",
+    "the group",
+    "a spokesman",
+    "the team",
+    "analysts",
+    "the committee",
     "critics",
   ),
   "action": (
-    "announced", "reported", "welcomed", "criticized", "expected", "confirmed", "delayed",
+    "announced",
+    "reported",
+    "welcomed",
+    "criticized",
+    "expected",
+    "confirmed",
+    "delayed",
     "praised",
   ),
   "object": (
-    "a new plan", "the deal", "a record", "the report", "new talks", "the results",
-    "a major change", "the decision",
+    "a new plan",
+    "the deal",
+    "a record",
+    "the report",
+    "new talks",
+    "the results",
+    "a major change",
+    "the decision",
   ),
   "context": (
-    "on monday", "this week", "late on friday", "in a statement", "after long delays",
-    "despite concerns", "officials said", "on tuesday",
+    "on monday",
+    "this week",
+    "late on friday",
+    "in a statement",
+    "after long delays",
+    "despite concerns",
+    "officials said",
+    "on tuesday",
   ),
 }
 _TOPIC_WORDS = {
   "world": {
     "actor": (
-      "the prime minister", "rebels", "the united nations", "diplomats", "the president",
-      "protesters", "troops",
+      "the prime minister",
+      "rebels",
+      "the united nations",
+      "diplomats",
+      "the president",
+      "protesters",
+      "troops",
     ),
     "action": (
-      "condemned", "negotiated", "invaded", "voted on", "sanctioned", "signed", "rejected",
+      "condemned",
+      "negotiated",
+      "invaded",
+      "voted on",
+      "sanctioned",
+      "signed",
+      "rejected",
     ),
     "object": (
-      "a ceasefire", "the border", "the election", "a peace treaty", "refugees", "the embassy",
+      "a ceasefire",
+      "the border",
+      "the election",
+      "a peace treaty",
+      "refugees",
+      "the embassy",
       "the parliament",
     ),
     "context": (
-      "in the capital", "near the border", "amid unrest", "at the summit", "after the vote",
+      "in the capital",
+      "near the border",
+      "amid unrest",
+      "at the summit",
+      "after the vote",
     ),
   },
   "sports": {
     "actor": (
-      "the striker", "the coach", "the champions", "the goalkeeper", "the captain", "fans",
+      "the striker",
+      "the coach",
+      "the champions",
+      "the goalkeeper",
+      "the captain",
+      "fans",
       "the referee",
     ),
     "action": ("scored", "defeated", "won", "coached", "celebrated", "qualified for", "missed"),
     "object": (
-      "the final", "the league title", "a penalty", "the tournament", "the match", "the cup",
+      "the final",
+      "the league title",
+      "a penalty",
+      "the tournament",
+      "the match",
+      "the cup",
       "the season",
     ),
     "context": (
-      "at the stadium", "in overtime", "before kickoff", "on home soil", "in the second half",
+      "at the stadium",
+      "in overtime",
+      "before kickoff",
+      "on home soil",
+      "in the second half",
     ),
   },
   "business": {
     "actor": (
-      "the bank", "investors", "the retailer", "shareholders", "the ceo", "the airline",
+      "the bank",
+      "investors",
+      "the retailer",
+      "shareholders",
+      "the ceo",
+      "the airline",
       "the company",
     ),
     "action": ("acquired", "invested in", "cut", "raised", "sold", "merged with", "priced"),
     "object": (
-      "profits", "shares", "prices", "the stock", "quarterly earnings", "a rival firm",
+      "profits",
+      "shares",
+      "prices",
+      "the stock",
+      "quarterly earnings",
+      "a rival firm",
       "the budget",
     ),
     "context": (
-      "on wall street", "as markets fell", "amid inflation", "in early trading",
+      "on wall street",
+      "as markets fell",
+      "amid inflation",
+      "in early trading",
       "after the merger",
     ),
   },
   "science": {
     "actor": (
-      "researchers", "scientists", "astronomers", "nasa", "engineers", "the lab", "biologists",
+      "researchers",
+      "scientists",
+      "astronomers",
+      "nasa",
+      "engineers",
+      "the lab",
+      "biologists",
     ),
     "action": ("discovered", "launched", "tested", "measured", "developed", "observed", "studied"),
     "object": (
-      "a new species", "the telescope", "a vaccine", "the satellite", "a distant planet",
-      "the software", "the genome",
+      "a new species",
+      "the telescope",
+      "a vaccine",
+      "the satellite",
+      "a distant planet",
+      "the software",
+      "the genome",
     ),
     "context": (
-      "in the lab", "in orbit", "in a new study", "under the microscope", "in the journal",
+      "in the lab",
+      "in orbit",
+      "in a new study",
+      "under the microscope",
+      "in the journal",
     ),
   },
 }
@@ -657,8 +746,10 @@ def _holding_raws(
       for g in range(num_groups):
         for p, h in held:
           start = (g * parts + h.part) * per_part
-          out[g, p, name] = (pool.slice(start, start + n_train),
-                             pool.slice(start + n_train, start + per_part))
+          out[g, p, name] = (
+            pool.slice(start, start + n_train),
+            pool.slice(start + n_train, start + per_part),
+          )
   # The digits: one shuffled pool split between digits_cls and digits_gen.
   images, labels = _load_digits()
   digit_holdings = [h for name in _DIGIT_TASKS for _, h in holders.get(name, [])]
@@ -685,8 +776,9 @@ def _holding_raws(
   return out
 
 
-def _fields(raws: list[tuple[int, _Raw]], tokenizer: Any, image_size: int, text_len: int,
-            target_len: int) -> list[dict[str, np.ndarray]]:
+def _fields(
+  raws: list[tuple[int, _Raw]], tokenizer: Any, image_size: int, text_len: int, target_len: int
+) -> list[dict[str, np.ndarray]]:
   """Converts ``(task index, raw)`` pairs into example-field arrays, tokenizing all text at once."""
   prompts = [s for _, r in raws if r.text is not None for s in r.text]
   answers = [s for _, r in raws if r.target is not None for s in r.target]
@@ -814,9 +906,7 @@ def make_embedded_federation(
       client_tasks[c, task_index(h.task)] = True
 
   gen = np.array([t.kind == TaskKind.TEXT_GENERATION for t in TASKS])
-  answer_ids = [
-    s["target"][gen[s["task"]]].ravel() for split in splits.values() for s in split
-  ]
+  answer_ids = [s["target"][gen[s["task"]]].ravel() for split in splits.values() for s in split]
   answer_vocab = np.unique(
     np.concatenate(answer_ids + [np.array([tokenizer.pad_token_id, tokenizer.sep_token_id])])
   ).astype(np.int32)

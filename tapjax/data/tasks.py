@@ -75,8 +75,9 @@ class TaskSpec:
       raise ValueError(f"task {self.name!r}: modalities {self.modalities} not within {MODALITIES}")
     is_cls = self.kind in (TaskKind.IMAGE_CLASSIFICATION, TaskKind.TEXT_CLASSIFICATION)
     if is_cls != (self.num_classes > 0):
-      raise ValueError(f"task {self.name!r}: num_classes={self.num_classes} does not fit "
-                       f"kind {self.kind.name}")
+      raise ValueError(
+        f"task {self.name!r}: num_classes={self.num_classes} does not fit kind {self.kind.name}"
+      )
     if not self.domains:
       raise ValueError(f"task {self.name!r}: needs at least one domain")
 
@@ -101,7 +102,11 @@ TASKS: tuple[TaskSpec, ...] = (
   TaskSpec("shapes_gen", _IG, "image_generation", ("image",), 0, ("general_object",)),
   TaskSpec("vqa_gen", _TG, "text_generation", ("image", "text"), 0, ("visual_answering",)),
   TaskSpec(
-    "qa_gen", _TG, "text_generation", ("text",), 0,
+    "qa_gen",
+    _TG,
+    "text_generation",
+    ("text",),
+    0,
     ("law_answering", "medicine_answering", "moral_answering"),
   ),
   TaskSpec("shapes_cls", _IC, "image_classification", ("image",), 6, ("general_object",)),

@@ -70,9 +70,7 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Any:
   if not folder.is_dir():
     raise FileNotFoundError(f"Tokenizer folder {folder} does not exist. {_FIX}")
   if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file()):
-    raise FileNotFoundError(
-      f"Tokenizer folder {folder} holds neither tokenizer.json nor vocab.txt. {_FIX}"
-    )
+    raise FileNotFoundError(f"Tokenizer folder {folder} holds neither tokenizer.json nor vocab.txt. {_FIX}")
   return BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
 
 
@@ -108,9 +106,7 @@ def encode(tokenizer: Any, texts: Sequence[str], length: int) -> tuple[np.ndarra
   return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
 
 
-def encode_targets(
-  tokenizer: Any, texts: Sequence[str], length: int
-) -> tuple[np.ndarray, np.ndarray]:
+def encode_targets(tokenizer: Any, texts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
   """Encodes generation targets as ``wordpieces... [SEP]`` (no ``[CLS]``), 0-padded.
 
   At most ``length - 1`` wordpieces are kept, so every row ends with exactly

@@ -20,11 +20,12 @@ tasks and modalities, and an example only touches the components its task uses.
 
 ``compat="reference"`` reproduces the published code's quirks (README table).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +39,10 @@ from tapjax.objective import Objective
 
 PyTree = Any
 COMPATS = ("paper", "reference")
-DROPOUT_RNGS = ("hash", "jax")   # hash_keep_mask (fast on CPU) or jax.random.bernoulli
+DROPOUT_RNGS = ("hash", "jax")  # hash_keep_mask (fast on CPU) or jax.random.bernoulli
 SHARED = "shared"
-MOTE_KEYS = MODALITIES + (SHARED,)       # MoTE blocks: one per modality + shared
-MOME_KEYS = TASK_GROUPS + (SHARED,)      # MoME blocks: one per task group + shared
+MOTE_KEYS = MODALITIES + (SHARED,)  # MoTE blocks: one per modality + shared
+MOME_KEYS = TASK_GROUPS + (SHARED,)  # MoME blocks: one per task group + shared
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,7 @@ class TapModelConfig:
     dropout_rng: "hash" (dropout masks from :func:`hash_keep_mask`, the default: about
       40x cheaper on CPU) or "jax" (``jax.random.bernoulli``).
   """
+
   tasks: tuple[TaskSpec, ...]
   domains: tuple[str, ...]
   backbone: BertConfig
@@ -91,12 +93,15 @@ class TapModelConfig:
     if self.compat not in COMPATS:
       raise ValueError(f"compat={self.compat!r}; choose one of {COMPATS}")
     if 2 * self.num_layers > self.backbone.num_layers:
-      raise ValueError(f"num_layers={self.num_layers} needs {2 * self.num_layers} pretrained "
-                       f"layers (MoTE i, MoME i + num_layers); the backbone has "
-                       f"{self.backbone.num_layers}. Lower num_layers or use a deeper backbone.")
+      raise ValueError(
+        f"num_layers={self.num_layers} needs {2 * self.num_layers} pretrained "
+        f"layers (MoTE i, MoME i + num_layers); the backbone has "
+        f"{self.backbone.num_layers}. Lower num_layers or use a deeper backbone."
+      )
     if self.image_size % self.patch_size or self.image_size % 8:
-      raise ValueError(f"image_size={self.image_size} must be a multiple of 8 and of "
-                       f"patch_size={self.patch_size}")
+      raise ValueError(
+        f"image_size={self.image_size} must be a multiple of 8 and of patch_size={self.patch_size}"
+      )
     if self.dropout_rng not in DROPOUT_RNGS:
       raise ValueError(f"dropout_rng={self.dropout_rng!r}; choose one of {DROPOUT_RNGS}")
     if self.head_style not in ("vilt", "flava"):
@@ -118,8 +123,11 @@ class TapModelConfig:
 
 
 def _kind_tasks(cfg):
-  cls = tuple(i for i, t in enumerate(cfg.tasks) if t.kind in (TaskKind.IMAGE_CLASSIFICATION,
-                                                                TaskKind.TEXT_CLASSIFICATION))
+  cls = tuple(
+    i
+    for i, t in enumerate(cfg.tasks)
+    if t.kind in (TaskKind.IMAGE_CLASSIFICATION, TaskKind.TEXT_CLASSIFICATION)
+  )
   return cls, cfg.tasks_of(TaskKind.IMAGE_GENERATION), cfg.tasks_of(TaskKind.TEXT_GENERATION)
 
 
@@ -128,10 +136,12 @@ def _paths(cfg: TapModelConfig, modality: str, group: str):
   ``(input, mote block, mote expert, mome block, mome expert)``, input is
   ``"shared"`` (through shared_proj) or ``"private"``."""
   m, g = modality, group
-  paths = [(SHARED, m, (SHARED, g), g, (g, SHARED)),       # shared -> task
-           ("private", m, (m, g), g, (g, m)),              # modality -> task
-           ("private", m, (m, SHARED), SHARED, (SHARED, m))]  # modality -> shared
-  if not cfg.reference:                                     # quirk 1: dead in the reference
+  paths = [
+    (SHARED, m, (SHARED, g), g, (g, SHARED)),  # shared -> task
+    ("private", m, (m, g), g, (g, m)),  # modality -> task
+    ("private", m, (m, SHARED), SHARED, (SHARED, m)),
+  ]  # modality -> shared
+  if not cfg.reference:  # quirk 1: dead in the reference
     paths.append((SHARED, SHARED, (SHARED, SHARED), SHARED, (SHARED, SHARED)))
   return paths
 
@@ -141,11 +151,12 @@ def _paths(cfg: TapModelConfig, modality: str, group: str):
 # (``[30, layers, ...]``), every (block, domain) MoDE expert one slot of the
 # ``domain`` leaves (``[8, domains, layers, ...]``), every head one slot of its
 # kind's head leaves. A slot is one component (see :func:`component_names`).
-BLOCKS: tuple[tuple[str, str], ...] = (tuple(("mote", k) for k in MOTE_KEYS) +
-                                       tuple(("mome", k) for k in MOME_KEYS))
-EXPERTS: tuple[tuple[str, str, str], ...] = (
-    tuple(("mote", a, b) for a in MOTE_KEYS for b in MOME_KEYS) +
-    tuple(("mome", a, b) for a in MOME_KEYS for b in MOTE_KEYS))
+BLOCKS: tuple[tuple[str, str], ...] = tuple(("mote", k) for k in MOTE_KEYS) + tuple(
+  ("mome", k) for k in MOME_KEYS
+)
+EXPERTS: tuple[tuple[str, str, str], ...] = tuple(
+  ("mote", a, b) for a in MOTE_KEYS for b in MOME_KEYS
+) + tuple(("mome", a, b) for a in MOME_KEYS for b in MOTE_KEYS)
 HEAD_KINDS = ("cls", "image", "text")
 
 
@@ -175,13 +186,18 @@ def task_uses(cfg: TapModelConfig, t: int, for_replacement: bool = False) -> set
   for m in task.modalities:
     uses.add(f"encoder/{m}")
     for _, mote, mote_e, mome, mome_e in _paths(cfg, m, task.group):
-      uses |= {f"mote/{mote}", f"mome/{mome}", "expert/mote/%s/%s" % mote_e,
-               "expert/mome/%s/%s" % mome_e}
+      uses |= {f"mote/{mote}", f"mome/{mome}", "expert/mote/%s/%s" % mote_e, "expert/mome/%s/%s" % mome_e}
       uses |= {f"{blk}/domain/{d}" for blk in (f"mote/{mote}", f"mome/{mome}") for d in task.domains}
-  if (for_replacement and cfg.reference and
-      task.kind in (TaskKind.IMAGE_CLASSIFICATION, TaskKind.TEXT_CLASSIFICATION)):
-    uses = {u for u in uses if not u.startswith("mome/")
-            and not (u.startswith("expert/") and task.group in u.split("/")[2:])}
+  if (
+    for_replacement
+    and cfg.reference
+    and task.kind in (TaskKind.IMAGE_CLASSIFICATION, TaskKind.TEXT_CLASSIFICATION)
+  ):
+    uses = {
+      u
+      for u in uses
+      if not u.startswith("mome/") and not (u.startswith("expert/") and task.group in u.split("/")[2:])
+    }
   return uses
 
 
@@ -191,15 +207,20 @@ def component_names(trainable: PyTree, cfg: TapModelConfig) -> PyTree:
   blocks = np.array([f"{s}/{k}" for s, k in BLOCKS], object)
   domains = np.array([[f"{s}/{k}/domain/{d}" for d in cfg.domains] for s, k in BLOCKS], object)
   experts = np.array([f"expert/{s}/{a}/{b}" for s, a, b in EXPERTS], object)
-  heads = {kind: np.array([f"head/{cfg.tasks[t].name}" for t in tasks], object)
-           for kind, tasks in zip(HEAD_KINDS, _kind_tasks(cfg)) if tasks}
+  heads = {
+    kind: np.array([f"head/{cfg.tasks[t].name}" for t in tasks], object)
+    for kind, tasks in zip(HEAD_KINDS, _kind_tasks(cfg))
+    if tasks
+  }
   label = lambda tree, name: jax.tree_util.tree_map(lambda _: name, tree)
-  return {"encoder": {m: label(v, f"encoder/{m}") for m, v in trainable["encoder"].items()},
-          "shared_proj": label(trainable["shared_proj"], "shared_proj"),
-          "block": label(trainable["block"], blocks),
-          "domain": label(trainable["domain"], domains),
-          "expert": label(trainable["expert"], experts),
-          "head": {k: label(v, heads[k]) for k, v in trainable["head"].items()}}
+  return {
+    "encoder": {m: label(v, f"encoder/{m}") for m, v in trainable["encoder"].items()},
+    "shared_proj": label(trainable["shared_proj"], "shared_proj"),
+    "block": label(trainable["block"], blocks),
+    "domain": label(trainable["domain"], domains),
+    "expert": label(trainable["expert"], experts),
+    "head": {k: label(v, heads[k]) for k, v in trainable["head"].items()},
+  }
 
 
 # ----------------------------------------------------------------------------- init
@@ -217,8 +238,10 @@ def _ln(n, lead=()):
 def _lora(key, n_in, n_out, rank, lead=()):
   # PEFT's init: A random (Kaiming-uniform-like), B zero -> the delta starts at 0.
   bound = 1.0 / math.sqrt(n_in)
-  return {"a": jax.random.uniform(key, lead + (n_in, rank), minval=-bound, maxval=bound),
-          "b": jnp.zeros(lead + (rank, n_out))}
+  return {
+    "a": jax.random.uniform(key, lead + (n_in, rank), minval=-bound, maxval=bound),
+    "b": jnp.zeros(lead + (rank, n_out)),
+  }
 
 
 def _ffn_lora(key, cfg, lead):
@@ -235,24 +258,41 @@ def _heads(key, cfg, kind: str, n: int):
   if kind == "cls":
     c = max(cfg.tasks[t].num_classes for t in _kind_tasks(cfg)[0])
     if cfg.head_style == "vilt":
-      return {"fc1": _dense(ks[0], e, 2 * e, lead=lead), "ln": _ln(2 * e, lead),
-              "fc2": _dense(ks[1], 2 * e, e, lead=lead), "out": _dense(ks[2], e, c, lead=lead)}
+      return {
+        "fc1": _dense(ks[0], e, 2 * e, lead=lead),
+        "ln": _ln(2 * e, lead),
+        "fc2": _dense(ks[1], 2 * e, e, lead=lead),
+        "out": _dense(ks[2], e, c, lead=lead),
+      }
     return {"fc1": _dense(ks[0], e, e // 2, lead=lead), "out": _dense(ks[2], e // 2, c, lead=lead)}
   if kind == "image":
     c, s = cfg.gen_channels, cfg.image_size // 8
-    conv = lambda k, ci, co: {"kernel": jax.random.normal(k, lead + (4, 4, ci, co)) / math.sqrt(16 * ci),
-                              "bias": jnp.zeros(lead + (co,))}
-    return {"fc": _dense(ks[0], e, c * s * s, lead=lead), "deconv1": conv(ks[1], c, c // 2),
-            "deconv2": conv(ks[2], c // 2, c // 4), "deconv3": conv(ks[3], c // 4, 3)}
+    conv = lambda k, ci, co: {
+      "kernel": jax.random.normal(k, lead + (4, 4, ci, co)) / math.sqrt(16 * ci),
+      "bias": jnp.zeros(lead + (co,)),
+    }
+    return {
+      "fc": _dense(ks[0], e, c * s * s, lead=lead),
+      "deconv1": conv(ks[1], c, c // 2),
+      "deconv2": conv(ks[2], c // 2, c // 4),
+      "deconv3": conv(ks[3], c // 4, 3),
+    }
   # text generation: positions cross-attend to the fused vector, one GPT-2 block, vocab projection
-  head = {"pos": 0.02 * jax.random.normal(ks[0], lead + (cfg.target_len, e)),
-          "cross_ln": _ln(e, lead), "cross_v": _dense(ks[1], e, e, lead=lead),
-          "cross_o": _dense(ks[2], e, e, lead=lead), "ln1": _ln(e, lead),
-          "qkv": _dense(ks[3], e, 3 * e, lead=lead), "attn_o": _dense(ks[4], e, e, lead=lead),
-          "ln2": _ln(e, lead), "mlp_in": _dense(ks[5], e, 2 * e, lead=lead),
-          "mlp_out": _dense(ks[6], 2 * e, e, lead=lead), "ln_f": _ln(e, lead),
-          "vocab": _dense(ks[7], e, cfg.answer_vocab, lead=lead)}
-  if cfg.reference:   # quirk 5: GPT-2's token embeddings, which no output depends on
+  head = {
+    "pos": 0.02 * jax.random.normal(ks[0], lead + (cfg.target_len, e)),
+    "cross_ln": _ln(e, lead),
+    "cross_v": _dense(ks[1], e, e, lead=lead),
+    "cross_o": _dense(ks[2], e, e, lead=lead),
+    "ln1": _ln(e, lead),
+    "qkv": _dense(ks[3], e, 3 * e, lead=lead),
+    "attn_o": _dense(ks[4], e, e, lead=lead),
+    "ln2": _ln(e, lead),
+    "mlp_in": _dense(ks[5], e, 2 * e, lead=lead),
+    "mlp_out": _dense(ks[6], 2 * e, e, lead=lead),
+    "ln_f": _ln(e, lead),
+    "vocab": _dense(ks[7], e, cfg.answer_vocab, lead=lead),
+  }
+  if cfg.reference:  # quirk 5: GPT-2's token embeddings, which no output depends on
     head["unused_wte"] = 0.02 * jax.random.normal(ks[7], lead + (cfg.answer_vocab, e))
   return head
 
@@ -271,23 +311,34 @@ def init_trainable(key: jax.Array, cfg: TapModelConfig) -> dict:
   ks = iter(jax.random.split(key, 16))
   n_patches = (cfg.image_size // p) ** 2
   nb, nd, ne = len(BLOCKS), len(cfg.domains), len(EXPERTS)
-  heads = {kind: _heads(next(ks), cfg, kind, len(tasks))
-           for kind, tasks in zip(HEAD_KINDS, _kind_tasks(cfg)) if tasks}
+  heads = {
+    kind: _heads(next(ks), cfg, kind, len(tasks))
+    for kind, tasks in zip(HEAD_KINDS, _kind_tasks(cfg))
+    if tasks
+  }
   kq, kv = jax.random.split(next(ks))
   kdq, kdv = jax.random.split(next(ks))
   return {
-      "encoder": {
-          "image": {"patch": _dense(next(ks), p * p * 3, h), "cls": 0.02 * jax.random.normal(next(ks), (h,)),
-                    "pos": 0.02 * jax.random.normal(next(ks), (n_patches + 1, h)),
-                    "proj": _dense(next(ks), h, e), "ln": _ln(e)},
-          "text": {"proj": _dense(next(ks), h, e), "ln": _ln(e)}},
-      "shared_proj": _dense(next(ks), e, e),
-      "block": {"ln1": _ln(e, (nb, n_l)), "ln2": _ln(e, (nb, n_l)),
-                "q": _lora(kq, e, e, cfg.lora_rank, (nb, n_l)),
-                "v": _lora(kv, e, e, cfg.lora_rank, (nb, n_l))},
-      "domain": {"q": _ffn_lora(kdq, cfg, (nb, nd, n_l)), "v": _ffn_lora(kdv, cfg, (nb, nd, n_l))},
-      "expert": _ffn_lora(next(ks), cfg, (ne, n_l)),
-      "head": heads,
+    "encoder": {
+      "image": {
+        "patch": _dense(next(ks), p * p * 3, h),
+        "cls": 0.02 * jax.random.normal(next(ks), (h,)),
+        "pos": 0.02 * jax.random.normal(next(ks), (n_patches + 1, h)),
+        "proj": _dense(next(ks), h, e),
+        "ln": _ln(e),
+      },
+      "text": {"proj": _dense(next(ks), h, e), "ln": _ln(e)},
+    },
+    "shared_proj": _dense(next(ks), e, e),
+    "block": {
+      "ln1": _ln(e, (nb, n_l)),
+      "ln2": _ln(e, (nb, n_l)),
+      "q": _lora(kq, e, e, cfg.lora_rank, (nb, n_l)),
+      "v": _lora(kv, e, e, cfg.lora_rank, (nb, n_l)),
+    },
+    "domain": {"q": _ffn_lora(kdq, cfg, (nb, nd, n_l)), "v": _ffn_lora(kdv, cfg, (nb, nd, n_l))},
+    "expert": _ffn_lora(next(ks), cfg, (ne, n_l)),
+    "head": heads,
   }
 
 
@@ -304,29 +355,45 @@ def frozen_from_bert(bert_params: dict, cfg: TapModelConfig) -> dict:
   emb = bert_params["embeddings"]
   got = np.shape(emb["word"]["embedding"])[1]
   if got != cfg.width:
-    raise ValueError(f"pretrained width {got} != config backbone.hidden_size {cfg.width}; "
-                     "build the config with BertConfig.from_hf(<checkpoint folder>)")
+    raise ValueError(
+      f"pretrained width {got} != config backbone.hidden_size {cfg.width}; "
+      "build the config with BertConfig.from_hf(<checkpoint folder>)"
+    )
   missing = [f"layer_{i}" for i in range(2 * cfg.num_layers) if f"layer_{i}" not in bert_params]
   if missing:
-    raise ValueError(f"checkpoint lacks pretrained layers {missing} needed by num_layers="
-                     f"{cfg.num_layers}")
+    raise ValueError(f"checkpoint lacks pretrained layers {missing} needed by num_layers={cfg.num_layers}")
 
   def layer(i):
     lp = bert_params[f"layer_{i}"]
     a = lp["attention"]
-    return {"q": a["query"], "k": a["key"], "v": a["value"], "o": a["out"],
-            "ffn_in": lp["ffn"]["in"], "ffn_out": lp["ffn"]["out"]}
+    return {
+      "q": a["query"],
+      "k": a["key"],
+      "v": a["value"],
+      "o": a["out"],
+      "ffn_in": lp["ffn"]["in"],
+      "ffn_out": lp["ffn"]["out"],
+    }
 
   layers = [layer(i) for i in range(2 * cfg.num_layers)]
   f = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
-  return f({"text_embed": {"word": emb["word"]["embedding"], "position": emb["position"]["embedding"],
-                           "token_type": emb["token_type"]["embedding"], "ln": emb["ln"]},
-            "fusion": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)})
+  return f(
+    {
+      "text_embed": {
+        "word": emb["word"]["embedding"],
+        "position": emb["position"]["embedding"],
+        "token_type": emb["token_type"]["embedding"],
+        "ln": emb["ln"],
+      },
+      "fusion": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers),
+    }
+  )
 
 
 def random_bert_params(key: jax.Array, backbone: BertConfig) -> dict:
   """A randomly initialized BERT params tree (for tiny test models and param counts)."""
   from tapjax.model.bert import BertEncoder
+
   ids = jnp.zeros((1, 4), jnp.int32)
   return BertEncoder(backbone).init(key, ids)["params"]
 
@@ -339,7 +406,7 @@ def _layer_norm(p, x, eps=1e-12):
   mu = jnp.mean(x, -1, keepdims=True)
   var = jnp.mean(jnp.square(x - mu), -1, keepdims=True)
   scale, bias = p["scale"], p["bias"]
-  if scale.ndim == 2 and x.ndim == 3:     # per-row parameters [rows, E] against [rows, T, E]
+  if scale.ndim == 2 and x.ndim == 3:  # per-row parameters [rows, E] against [rows, T, E]
     scale, bias = scale[:, None], bias[:, None]
   return (x - mu) * jax.lax.rsqrt(var + eps) * scale + bias
 
@@ -427,11 +494,11 @@ def _fusion_layer(h, mask, blk, dom_q, dom_v, expert, base, cfg, keys):
   """
   s = cfg.lora_alpha / cfg.lora_rank
   y = _layer_norm(blk["ln1"], h)
-  y_in = y @ base["ffn_in"]["kernel"] + base["ffn_in"]["bias"]   # both MoDE FFNs read y
+  y_in = y @ base["ffn_in"]["kernel"] + base["ffn_in"]["bias"]  # both MoDE FFNs read y
   yq = y + _ffn_out(y, y_in, base, dom_q, cfg, keys)
   yv = y + _ffn_out(y, y_in, base, dom_v, cfg, keys)
   proj = lambda x, w: x @ w["kernel"] + w["bias"]
-  if cfg.reference:   # quirks 3 and 8: a bias-free LoRA'd copy of W feeds the attention's projection
+  if cfg.reference:  # quirks 3 and 8: a bias-free LoRA'd copy of W feeds the attention's projection
     q = proj(yq @ base["q"]["kernel"] + _lora_delta(yq, blk["q"], s, cfg.lora_dropout, keys), base["q"])
     v = proj(yv @ base["v"]["kernel"] + _lora_delta(yv, blk["v"], s, cfg.lora_dropout, keys), base["v"])
   else:
@@ -474,11 +541,11 @@ def _fuse(x, mask, modality, group, domain, params, frozen, cfg, key):
   """
   shared_in, blk_t, exp_t = _path_tables(cfg)
   n_p, b = len(shared_in), x.shape[0]
-  rows = lambda a: jnp.tile(a, (n_p,) + (1,) * (a.ndim - 1))               # [paths * batch, ...]
+  rows = lambda a: jnp.tile(a, (n_p,) + (1,) * (a.ndim - 1))  # [paths * batch, ...]
   path = np.repeat(np.arange(n_p), b)
   m_r, g_r, d_r = rows(modality), rows(group), rows(domain)
-  blk = jnp.asarray(blk_t)[:, path, m_r, g_r]                               # [2, rows]
-  exp = jnp.asarray(exp_t)[:, path, m_r, g_r]                               # [2, rows]
+  blk = jnp.asarray(blk_t)[:, path, m_r, g_r]  # [2, rows]
+  exp = jnp.asarray(exp_t)[:, path, m_r, g_r]  # [2, rows]
   h_shared = x @ params["shared_proj"]["kernel"] + params["shared_proj"]["bias"]
   h = jnp.where(jnp.asarray(shared_in)[:, None, None, None], h_shared[None], x[None])
   h = h.reshape((n_p * b,) + x.shape[1:])
@@ -498,7 +565,7 @@ def _fuse(x, mask, modality, group, domain, params, frozen, cfg, key):
 
   h, _ = jax.lax.scan(layer, h, (frozen["fusion"], jnp.arange(2 * n_l)), unroll=True)
   pool_w = mask_r.astype(h.dtype)[..., None] / jnp.maximum(mask_r.sum(-1), 1)[:, None, None]
-  pooled = jnp.sum(h * pool_w, axis=1)                                      # [rows, E]
+  pooled = jnp.sum(h * pool_w, axis=1)  # [rows, E]
   return pooled.reshape(n_p, b, -1).mean(0)
 
 
@@ -514,8 +581,7 @@ def encode_image(p, images, cfg):
 
 def encode_text(p, frozen_embed, ids, cfg):
   """``ids [batch, len]`` -> ``[batch, len, E]``: frozen BERT embeddings, trainable projection."""
-  x = (frozen_embed["word"][ids] + frozen_embed["position"][: ids.shape[1]] +
-       frozen_embed["token_type"][0])
+  x = frozen_embed["word"][ids] + frozen_embed["position"][: ids.shape[1]] + frozen_embed["token_type"][0]
   x = _layer_norm(frozen_embed["ln"], x, cfg.backbone.layer_norm_eps)
   return _layer_norm(p["ln"], x @ p["proj"]["kernel"] + p["proj"]["bias"])
 
@@ -540,7 +606,7 @@ def _image_head(p, z, cfg):
   x = (z @ p["fc"]["kernel"] + p["fc"]["bias"]).reshape(z.shape[0], s, s, c)
   x = jax.nn.relu(_deconv(x, p["deconv1"]))
   x = jax.nn.relu(_deconv(x, p["deconv2"]))
-  return _deconv(x, p["deconv3"])       # [batch, S, S, 3], no output activation (as the reference)
+  return _deconv(x, p["deconv3"])  # [batch, S, S, 3], no output activation (as the reference)
 
 
 def _text_head(p, z, cfg, keys):
@@ -549,14 +615,14 @@ def _text_head(p, z, cfg, keys):
   d = lambda x, w: x @ w["kernel"] + w["bias"]
   b, e = z.shape
   h = jnp.broadcast_to(p["pos"], (b,) + p["pos"].shape)
-  if not cfg.reference:   # quirk 2: the reference never passes the fused features
+  if not cfg.reference:  # quirk 2: the reference never passes the fused features
     h = h + d(d(_layer_norm(p["cross_ln"], z), p["cross_v"]), p["cross_o"])[:, None, :]
   q, k, v = jnp.split(d(_layer_norm(p["ln1"], h), p["qkv"]), 3, axis=-1)
   causal = jnp.tril(jnp.ones((cfg.target_len, cfg.target_len), bool))[None]
   h = h + _dropout(d(attend(q, k, v, causal, cfg.text_head_heads), p["attn_o"]), cfg.head_dropout, keys)
   m = jax.nn.gelu(d(_layer_norm(p["ln2"], h), p["mlp_in"]), approximate=True)
   h = h + _dropout(d(m, p["mlp_out"]), cfg.head_dropout, keys)
-  return d(_layer_norm(p["ln_f"], h), p["vocab"])     # [batch, La, answer_vocab]
+  return d(_layer_norm(p["ln_f"], h), p["vocab"])  # [batch, La, answer_vocab]
 
 
 def _select(stacked, idx):
@@ -578,6 +644,7 @@ def _stacked_heads(fn, heads, z, key, rng="hash"):
 @dataclasses.dataclass(frozen=True, eq=False)
 class TapModel:
   """The model's pure functions over ``(trainable, frozen)`` pytrees."""
+
   cfg: TapModelConfig
 
   # per-task lookup tables (numpy: static structure, never strings at run time)
@@ -623,7 +690,7 @@ class TapModel:
     group = jnp.asarray(group_of)[task]
     domain = batch["domain"]
     b = task.shape[0]
-    image = encode_image(params["encoder"]["image"], batch["image"], cfg)    # [batch, Ti, E]
+    image = encode_image(params["encoder"]["image"], batch["image"], cfg)  # [batch, Ti, E]
     text = encode_text(params["encoder"]["text"], frozen["text_embed"], batch["text"], cfg)
     n_image = image.shape[1]
     length = max(n_image, text.shape[1])
@@ -632,42 +699,56 @@ class TapModel:
     image_mask = jnp.broadcast_to((jnp.arange(length) < n_image).astype(text_mask.dtype), (b, length))
     has_image, has_text = batch["has_image"], batch["has_text"]
     first = has_image[:, None]
-    z = _fuse(jnp.where(first[..., None], image, text), jnp.where(first, image_mask, text_mask),
-              jnp.where(has_image, 0, 1).astype(jnp.int32), group, domain, params, frozen, cfg,
-              keys())                                                        # [batch, E]
+    z = _fuse(
+      jnp.where(first[..., None], image, text),
+      jnp.where(first, image_mask, text_mask),
+      jnp.where(has_image, 0, 1).astype(jnp.int32),
+      group,
+      domain,
+      params,
+      frozen,
+      cfg,
+      keys(),
+    )  # [batch, E]
     if self.multimodal:
       both = has_image & has_text
       k2 = keys()
       second = jax.lax.cond(
-          jnp.any(both),
-          lambda: _fuse(text, text_mask, jnp.ones((b,), jnp.int32), group, domain, params, frozen,
-                        cfg, k2),
-          lambda: jnp.zeros_like(z))
+        jnp.any(both),
+        lambda: _fuse(text, text_mask, jnp.ones((b,), jnp.int32), group, domain, params, frozen, cfg, k2),
+        lambda: jnp.zeros_like(z),
+      )
       z = jnp.where(both[:, None], 0.5 * (z + second), z)
     out = {}
     heads = params["head"]
     sel = lambda stacked: _select(stacked, jnp.asarray(head_of)[task])
     if cls:
-      logits = sel(_stacked_heads(lambda h, z_, k: _cls_head(h, z_, cfg, k), heads["cls"], z, keys(),
-                                  cfg.dropout_rng))
+      logits = sel(
+        _stacked_heads(lambda h, z_, k: _cls_head(h, z_, cfg, k), heads["cls"], z, keys(), cfg.dropout_rng)
+      )
       valid = jnp.arange(logits.shape[-1]) < jnp.asarray(num_classes)[task][:, None]
       out["class_logits"] = jnp.where(valid, logits, -1e9)
     if img:
-      out["image"] = sel(_stacked_heads(lambda h, z_, k: _image_head(h, z_, cfg), heads["image"], z,
-                                        None))
+      out["image"] = sel(_stacked_heads(lambda h, z_, k: _image_head(h, z_, cfg), heads["image"], z, None))
     if txt:
-      out["token_logits"] = sel(_stacked_heads(lambda h, z_, k: _text_head(h, z_, cfg, k),
-                                               heads["text"], z, keys(), cfg.dropout_rng))
+      out["token_logits"] = sel(
+        _stacked_heads(lambda h, z_, k: _text_head(h, z_, cfg, k), heads["text"], z, keys(), cfg.dropout_rng)
+      )
     return out
 
   def _per_kind(self, batch, cls_val, img_val, txt_val):
     kind = jnp.asarray(self._tables()[5])[batch["task"]]
     is_cls = (kind == TaskKind.IMAGE_CLASSIFICATION) | (kind == TaskKind.TEXT_CLASSIFICATION)
     zero = jnp.zeros(batch["task"].shape[0])
-    return jnp.where(is_cls, cls_val if cls_val is not None else zero,
-                     jnp.where(kind == TaskKind.IMAGE_GENERATION,
-                               img_val if img_val is not None else zero,
-                               txt_val if txt_val is not None else zero))
+    return jnp.where(
+      is_cls,
+      cls_val if cls_val is not None else zero,
+      jnp.where(
+        kind == TaskKind.IMAGE_GENERATION,
+        img_val if img_val is not None else zero,
+        txt_val if txt_val is not None else zero,
+      ),
+    )
 
   def _token_ce(self, out, batch):
     logp = jax.nn.log_softmax(out["token_logits"])
@@ -702,7 +783,7 @@ class TapModel:
       m = 1.0 if self.cfg.reference else batch["target_mask"].astype(per_tok.dtype)
       tok = jnp.sum(per_tok * m, -1)
     if "image" in student:
-      if self.cfg.reference:   # NCHW's last axis is width: axis 2 of NHWC
+      if self.cfg.reference:  # NCHW's last axis is width: axis 2 of NHWC
         img = jnp.sum(kd_divergence(student["image"], teacher["image"], temperature, axis=2), (1, 2))
       else:
         img = jnp.mean(jnp.square(student["image"] - teacher["image"]), axis=(1, 2, 3))
@@ -727,21 +808,22 @@ class TapModel:
 
 
 KIND_METRICS = {
-    TaskKind.IMAGE_CLASSIFICATION: ("accuracy",),
-    TaskKind.TEXT_CLASSIFICATION: ("accuracy",),
-    TaskKind.IMAGE_GENERATION: ("mse",),
-    TaskKind.TEXT_GENERATION: ("token_accuracy", "token_ce", "perplexity"),
+  TaskKind.IMAGE_CLASSIFICATION: ("accuracy",),
+  TaskKind.TEXT_CLASSIFICATION: ("accuracy",),
+  TaskKind.IMAGE_GENERATION: ("mse",),
+  TaskKind.TEXT_GENERATION: ("token_accuracy", "token_ce", "perplexity"),
 }
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ComponentModel:
   """The component structure derived from the model: names, leaf ids, usage."""
+
   names: tuple[str, ...]
   leaf_ids: PyTree
-  usage: np.ndarray           # [tasks, components] forward usage
-  replace_usage: np.ndarray   # [tasks, components] what the replacement rule copies
-  fusion: np.ndarray          # [components] bool: MoTE/MoME blocks, experts, domain experts
+  usage: np.ndarray  # [tasks, components] forward usage
+  replace_usage: np.ndarray  # [tasks, components] what the replacement rule copies
+  fusion: np.ndarray  # [components] bool: MoTE/MoME blocks, experts, domain experts
 
 
 def component_model(trainable: PyTree, cfg: TapModelConfig) -> ComponentModel:

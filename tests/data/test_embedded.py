@@ -109,7 +109,7 @@ def test_shapes_and_dtypes(fed):
   for split, counts in ((fed.train, fed.n_train), (fed.test, fed.n_test)):
     for cl in range(c):
       for k in EXAMPLE_FIELDS:
-        assert not split[k][cl, counts[cl]:].any(), (cl, k)
+        assert not split[k][cl, counts[cl] :].any(), (cl, k)
   assert fed.answer_vocab.dtype == np.int32
 
 
@@ -180,15 +180,17 @@ def test_text_and_targets(fed, tok):
 
 
 def test_default_lengths_do_not_truncate(tok):
-  roomy = make_embedded_federation(seed=3, examples_per_task=16, test_examples_per_task=4,
-                                   text_len=64, target_len=16, tokenizer=tok)
+  roomy = make_embedded_federation(
+    seed=3, examples_per_task=16, test_examples_per_task=4, text_len=64, target_len=16, tokenizer=tok
+  )
   assert roomy.train["text_mask"].sum(-1).max() <= 24
   assert roomy.train["target_mask"].sum(-1).max() <= 8
 
 
 def test_images_are_cifar_normalized(fed):
-  imgs = np.concatenate([fed.train["image"][c, : fed.n_train[c]][fed.train["has_image"][c, : fed.n_train[c]]]
-                         for c in range(10)])
+  imgs = np.concatenate(
+    [fed.train["image"][c, : fed.n_train[c]][fed.train["has_image"][c, : fed.n_train[c]]] for c in range(10)]
+  )
   assert len(imgs) == 96 * 7  # digits_cls, 2 x shapes_gen, 2 x vqa_gen, shapes_cls, digits_gen
   pixels = imgs.reshape(-1, 3)
   assert np.all(np.abs(pixels.mean(0)) < 0.5), pixels.mean(0)
@@ -235,8 +237,9 @@ def test_topic_classification_is_learnable_but_not_keyword_trivial(fed):
 
 
 def test_two_groups_are_disjoint(tok):
-  f = make_embedded_federation(seed=0, num_groups=2, examples_per_task=24, test_examples_per_task=8,
-                               tokenizer=tok)
+  f = make_embedded_federation(
+    seed=0, num_groups=2, examples_per_task=24, test_examples_per_task=8, tokenizer=tok
+  )
   assert f.num_clients == 20 and len(f.client_names) == 20 and f.client_names[13] == "g1p3"
   np.testing.assert_array_equal(f.client_tasks[:10], f.client_tasks[10:])
   np.testing.assert_array_equal(f.client_group, np.repeat([0, 1], 10))
@@ -258,8 +261,9 @@ def test_digits_are_split_between_groups_and_tasks():
 
 
 def test_more_digits_than_exist_cycles_with_fresh_augmentation(tok):
-  f = make_embedded_federation(seed=0, examples_per_task=1000, test_examples_per_task=8,
-                               tokenizer=tok, image_size=16)
+  f = make_embedded_federation(
+    seed=0, examples_per_task=1000, test_examples_per_task=8, tokenizer=tok, image_size=16
+  )
   imgs = f.train["image"][0, : f.n_train[0]].reshape(f.n_train[0], -1)
   assert len(np.unique(imgs, axis=0)) == len(imgs)
 
