@@ -334,7 +334,7 @@ def tap_client(
   root: jax.Array,
   round_: jax.Array,
 ) -> TapClientResult:
-  """TAP stage 1 for one client (REFERENCE section 3): train the global copy, apply
+  """TAP stage 1 for one client: train the global copy, apply
   the replacement rule, train the personal model.
 
   Args:

@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.temperature = 1.0
   # --- execution
   c.client_map = "map"  # "vmap", "map" (lax.map; batch = map_batch), or "shard";
-  # map is 0.79x vmap's round time on 2 CPU cores (benchmarks/client_map.py)
+  # see benchmarks.run section b for vmap vs map on this machine
   c.map_batch = 0  # clients per lax.map step (0 = one at a time)
   c.eval_batch = 32
   c.plots = True

@@ -1,6 +1,6 @@
 """The embedded default federation: built offline, in seconds, from a seed.
 
-It mirrors the ten client patterns of the paper (REFERENCE.md section 6; the
+It mirrors the ten client patterns of the paper (its federation table; the
 reference uses 3 groups x 10 patterns = 30 clients, our default is one group of
 10 clients) with small data that ships with the code: scikit-learn's real
 digits, procedurally drawn images, and templated text. The tasks really share

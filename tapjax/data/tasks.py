@@ -138,7 +138,7 @@ class Holding:
 
 
 # The ten client patterns of one group, mirroring the paper's table
-# (REFERENCE.md section 6); pattern p is client p of every group.
+# (the paper's federation table); pattern p is client p of every group.
 PATTERNS: tuple[tuple[Holding, ...], ...] = (
   (Holding("digits_cls", 0, 2),),  # 0: image classification
   (Holding("topic_cls", 0, 3),),  # 1: text classification, 1/3

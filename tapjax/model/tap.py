@@ -1,4 +1,4 @@
-"""The TAP foundation model (REFERENCE.md section 2) over a pretrained BERT-family encoder.
+"""The TAP foundation model of the paper over a pretrained BERT-family encoder.
 
 ViLT-style arrangement: one pretrained transformer serves both modalities. Its
 embeddings encode text; a trainable patch embedding (+ CLS and positions) encodes
