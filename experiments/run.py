@@ -166,18 +166,18 @@ def stage1(alg, w, rounds, desc, log=None):
 
 
 def evaluate(w, stacked, cfg):
+  """Per-client, per-task metrics of ``stacked [clients, ...]`` params on the test split
+  (one compiled program, reused for every method)."""
+  if "eval_fn" not in w:
+    objective, frozen, client_map = w["setup"].objective, w["frozen"], w["setup"].client_map
+    num_tasks = len(w["fed"].tasks)
+    w["eval_fn"] = jax.jit(
+      lambda p, test, n: tapjax.metrics.evaluate(
+        objective, p, frozen, test, n, num_tasks, cfg.eval_batch, client_map
+      )[0]
+    )
   test, n_test = w["test"]
-  means, counts = tapjax.metrics.evaluate(
-    w["setup"].objective,
-    stacked,
-    w["frozen"],
-    test,
-    n_test,
-    len(w["fed"].tasks),
-    cfg.eval_batch,
-    w["setup"].client_map,
-  )
-  return {k: np.asarray(v) for k, v in jax.jit(lambda m: m)(means).items()}
+  return {k: np.asarray(v) for k, v in w["eval_fn"](stacked, test, n_test).items()}
 
 
 def summarize(w, evals: dict) -> dict:
