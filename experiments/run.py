@@ -210,15 +210,16 @@ def run_experiment(cfg, log_path: pathlib.Path | None = None):
   local_state, _ = stage1(tapjax.local_only(setup), w, cfg.rounds, "Local only")
   final_global = tapjax.final_global(setup, tap_state)
   n = w["fed"].num_clients
-  # Stage 2 runs three times through ONE compiled program: post-training is
-  # distillation with lambda = 0 (its teacher is itself and the KD term vanishes),
-  # on the same batches as tapjax.post_train; TAP without KD is lambda = 0 too.
+  # Stage 2: post-training of every client's global slice ("FedAvg + post-train",
+  # and TAP's KD teacher: TAP's global model IS FedAvg's, same keys), then
+  # distillation into the personal models; TAP without KD is lambda = 0 through
+  # the same compiled distillation program.
   dist = jax.jit(tapjax.distill_personal(setup))
   no_kd = hp._replace(kd_weight=jnp.zeros_like(hp.kd_weight))
   global_slices = tapjax.federation.stack(final_global, n)
   bar = tqdm(total=3, desc="stage 2", unit="phase")
   teachers = jax.block_until_ready(
-    dist(global_slices, global_slices, w["frozen"], w["train"], no_kd, w["root"])
+    jax.jit(tapjax.post_train(setup))(final_global, w["frozen"], w["train"], hp, w["root"])
   )
   bar.update()
   tap_personal = jax.block_until_ready(
