@@ -81,17 +81,22 @@ def metrics(logits, batch):
 OBJECTIVE = tapjax.Objective(apply, loss, divergence, metrics)
 
 
-def make_data(seed=0, capacity=40):
-  """FedData for the 5 toy clients (different sizes; tasks mixed within a client)."""
+def make_data(seed=0, capacity=40, client_tasks=CLIENT_TASKS):
+  """FedData for the toy clients (different sizes; tasks mixed within a client).
+
+  ``client_tasks [clients, tasks]`` defaults to the 5 patterns of ``CLIENT_TASKS``;
+  pass a longer one (e.g. the patterns tiled) for a bigger federation.
+  """
+  client_tasks = np.asarray(client_tasks, bool)
   rng = np.random.default_rng(seed)
   w_task = rng.normal(size=(T, D, C))
-  n_clients = len(CLIENT_TASKS)
+  n_clients = len(client_tasks)
   x = np.zeros((n_clients, capacity, D), np.float32)
   task = np.zeros((n_clients, capacity), np.int32)
   label = np.zeros((n_clients, capacity), np.int32)
-  sizes = np.array([24, 32, 40, 28, 36], np.int32)
+  sizes = np.array([24, 32, 40, 28, 36], np.int32)[np.arange(n_clients) % 5] - 4 * (np.arange(n_clients) // 5)
   for c in range(n_clients):
-    tasks = np.flatnonzero(CLIENT_TASKS[c])
+    tasks = np.flatnonzero(client_tasks[c])
     n = sizes[c]
     task[c, :n] = tasks[np.arange(n) % len(tasks)]
     x[c, :n] = rng.normal(size=(n, D)) + 0.3 * c
@@ -99,7 +104,7 @@ def make_data(seed=0, capacity=40):
   return tapjax.FedData(
     {"x": jnp.asarray(x), "task": jnp.asarray(task), "label": jnp.asarray(label)},
     jnp.asarray(sizes),
-    jnp.asarray(CLIENT_TASKS),
+    jnp.asarray(client_tasks),
   )
 
 
