@@ -1,5 +1,9 @@
 """The TAP model: components, parameter counts, routing, gradients, compat quirks."""
 
+import difflib
+import functools
+import math
+import os
 import pathlib
 
 import jax
@@ -8,14 +12,22 @@ import numpy as np
 import pytest
 
 import tapjax
-from tapjax.data.tasks import DOMAINS, TASKS, TaskKind
+from tapjax.data.tasks import DOMAINS, TASKS, TaskKind, task_index
 from tapjax.model import sizes, tap as M
 
 HERE = pathlib.Path(__file__).parent
 BACKBONE = sizes.SIZES["tiny"][0]
+COMPATS = ("paper", "reference")
+REGEN = os.environ.get("TAPJAX_REGEN_GOLDEN") == "1"
 
 
 def make(compat="paper"):
+  """``(cfg, model, frozen, params)`` of the tiny model, built once per compat (treat as read-only)."""
+  return _make(compat)
+
+
+@functools.lru_cache(maxsize=None)
+def _make(compat):
   cfg = M.TapModelConfig(
     tasks=TASKS,
     domains=DOMAINS,
@@ -33,12 +45,13 @@ def make(compat="paper"):
   return cfg, model, frozen, params
 
 
-def batch_for(tasks, seed=0):
-  """One example per task id in ``tasks``."""
+def batch_for(tasks, seed=0, domains=None):
+  """One example per task id in ``tasks`` (domain: ``domains[i]``, else the task's first)."""
   rng = np.random.default_rng(seed)
   n = len(tasks)
   t = np.asarray(tasks, np.int32)
   mods = [TASKS[i].modalities for i in tasks]
+  domains = domains or [TASKS[i].domains[0] for i in tasks]
   return {
     "image": jnp.asarray(rng.normal(size=(n, 16, 16, 3)), jnp.float32),
     "text": jnp.asarray(rng.integers(1000, 2000, (n, 12)), jnp.int32),
@@ -47,7 +60,7 @@ def batch_for(tasks, seed=0):
     "target_mask": jnp.ones((n, 4), jnp.int32),
     "label": jnp.zeros(n, jnp.int32),
     "task": jnp.asarray(t),
-    "domain": jnp.asarray([DOMAINS.index(TASKS[i].domains[0]) for i in tasks], jnp.int32),
+    "domain": jnp.asarray([DOMAINS.index(d) for d in domains], jnp.int32),
     "has_image": jnp.asarray(["image" in m for m in mods]),
     "has_text": jnp.asarray(["text" in m for m in mods]),
   }
@@ -72,11 +85,280 @@ def component_nonzero(tree, leaf_ids, num_components):
   return out
 
 
+def row(cm, matrix, t):
+  """Task ``t``'s row of a ``[tasks, components]`` matrix as a set of names."""
+  return {cm.names[c] for c in np.flatnonzero(matrix[t])}
+
+
+def check_golden(name, text):
+  """``text`` equals the file ``name``; with TAPJAX_REGEN_GOLDEN=1, rewrite it and fail."""
+  path = HERE / name
+  if REGEN:
+    path.write_text(text)
+    pytest.fail(f"wrote {path}: review it, then re-run without TAPJAX_REGEN_GOLDEN=1")
+  assert path.exists(), f"{path} is missing: run once with TAPJAX_REGEN_GOLDEN=1 and review it"
+  want = path.read_text()
+  if text != want:
+    diff = difflib.unified_diff(want.splitlines(), text.splitlines(), name, "computed", lineterm="", n=1)
+    pytest.fail(f"{name} != computed (TAPJAX_REGEN_GOLDEN=1 rewrites it):\n" + "\n".join(diff)[:8000])
+
+
+# --------------------------------------------------------------------------- hand-written usage
+#
+# Written from the architecture, NOT from tap._paths / task_uses. An input of modality m
+# of a task of group g takes these fusion paths (input, MoTE block, MoTE expert, MoME
+# block, MoME expert):
+#   shared -> task:      shared_proj, mote/m,      expert/mote/shared/g,      mome/g,      expert/mome/g/shared
+#   modality -> task:    private,     mote/m,      expert/mote/m/g,           mome/g,      expert/mome/g/m
+#   modality -> shared:  private,     mote/m,      expert/mote/m/shared,      mome/shared, expert/mome/shared/m
+#   shared -> shared:    shared_proj, mote/shared, expert/mote/shared/shared, mome/shared, expert/mome/shared/shared
+#                        (paper only: dead in the reference, quirk 1)
+# plus encoder/m per modality, shared_proj, head/<task>, and per block used its domain
+# experts <block>/domain/<d> for the task's domains. The reference's replacement rule
+# copies, for classification tasks, neither any mome/... component (MoME blocks and their
+# domain experts) nor any expert keyed by the task's group.
+
+DIGITS_CLS_PAPER = {
+  "encoder/image",
+  "shared_proj",
+  "head/digits_cls",
+  "mote/image",
+  "mote/shared",
+  "mome/image_classification",
+  "mome/shared",
+  "mote/image/domain/handwritten",
+  "mote/shared/domain/handwritten",
+  "mome/image_classification/domain/handwritten",
+  "mome/shared/domain/handwritten",
+  "expert/mote/shared/image_classification",  # shared -> task
+  "expert/mome/image_classification/shared",
+  "expert/mote/image/image_classification",  # image -> task
+  "expert/mome/image_classification/image",
+  "expert/mote/image/shared",  # image -> shared
+  "expert/mome/shared/image",
+  "expert/mote/shared/shared",  # shared -> shared
+  "expert/mome/shared/shared",
+}
+DIGITS_CLS_REFERENCE = {
+  "encoder/image",
+  "shared_proj",
+  "head/digits_cls",
+  "mote/image",
+  "mome/image_classification",
+  "mome/shared",
+  "mote/image/domain/handwritten",
+  "mome/image_classification/domain/handwritten",
+  "mome/shared/domain/handwritten",
+  "expert/mote/shared/image_classification",
+  "expert/mome/image_classification/shared",
+  "expert/mote/image/image_classification",
+  "expert/mome/image_classification/image",
+  "expert/mote/image/shared",
+  "expert/mome/shared/image",
+}
+DIGITS_CLS_REFERENCE_REPLACE = {
+  "encoder/image",
+  "shared_proj",
+  "head/digits_cls",
+  "mote/image",
+  "mote/image/domain/handwritten",
+  "expert/mote/image/shared",
+  "expert/mome/shared/image",
+}
+VQA_GEN_PAPER = {
+  "encoder/image",
+  "encoder/text",
+  "shared_proj",
+  "head/vqa_gen",
+  "mote/image",
+  "mote/text",
+  "mote/shared",
+  "mome/text_generation",
+  "mome/shared",
+  "mote/image/domain/visual_answering",
+  "mote/text/domain/visual_answering",
+  "mote/shared/domain/visual_answering",
+  "mome/text_generation/domain/visual_answering",
+  "mome/shared/domain/visual_answering",
+  "expert/mote/shared/text_generation",  # shared -> task (both modalities)
+  "expert/mome/text_generation/shared",
+  "expert/mote/image/text_generation",  # image -> task
+  "expert/mome/text_generation/image",
+  "expert/mote/text/text_generation",  # text -> task
+  "expert/mome/text_generation/text",
+  "expert/mote/image/shared",  # image -> shared
+  "expert/mome/shared/image",
+  "expert/mote/text/shared",  # text -> shared
+  "expert/mome/shared/text",
+  "expert/mote/shared/shared",  # shared -> shared
+  "expert/mome/shared/shared",
+}
+VQA_GEN_REFERENCE = {
+  "encoder/image",
+  "encoder/text",
+  "shared_proj",
+  "head/vqa_gen",
+  "mote/image",
+  "mote/text",
+  "mome/text_generation",
+  "mome/shared",
+  "mote/image/domain/visual_answering",
+  "mote/text/domain/visual_answering",
+  "mome/text_generation/domain/visual_answering",
+  "mome/shared/domain/visual_answering",
+  "expert/mote/shared/text_generation",
+  "expert/mome/text_generation/shared",
+  "expert/mote/image/text_generation",
+  "expert/mome/text_generation/image",
+  "expert/mote/text/text_generation",
+  "expert/mome/text_generation/text",
+  "expert/mote/image/shared",
+  "expert/mome/shared/image",
+  "expert/mote/text/shared",
+  "expert/mome/shared/text",
+}
+LITERAL_ROWS = {  # (task, compat, replace) -> row
+  ("digits_cls", "paper", False): DIGITS_CLS_PAPER,
+  ("digits_cls", "paper", True): DIGITS_CLS_PAPER,
+  ("digits_cls", "reference", False): DIGITS_CLS_REFERENCE,
+  ("digits_cls", "reference", True): DIGITS_CLS_REFERENCE_REPLACE,
+  ("vqa_gen", "paper", False): VQA_GEN_PAPER,
+  ("vqa_gen", "paper", True): VQA_GEN_PAPER,
+  ("vqa_gen", "reference", False): VQA_GEN_REFERENCE,
+  ("vqa_gen", "reference", True): VQA_GEN_REFERENCE,
+}
+
+
+def path_list_row(task, compat, replace=False):
+  """The components ``task`` uses (``replace``: that the replacement rule copies), from the
+  path list above."""
+  g = task.group
+  blocks, experts = set(), set()
+  for m in task.modalities:
+    blocks |= {f"mote/{m}", f"mome/{g}", "mome/shared"}
+    experts |= {f"expert/mote/shared/{g}", f"expert/mome/{g}/shared"}  # shared -> task
+    experts |= {f"expert/mote/{m}/{g}", f"expert/mome/{g}/{m}"}  # modality -> task
+    experts |= {f"expert/mote/{m}/shared", f"expert/mome/shared/{m}"}  # modality -> shared
+    if compat == "paper":  # shared -> shared
+      blocks.add("mote/shared")
+      experts |= {"expert/mote/shared/shared", "expert/mome/shared/shared"}
+  uses = {"shared_proj", f"head/{task.name}"} | {f"encoder/{m}" for m in task.modalities}
+  uses |= blocks | experts | {f"{b}/domain/{d}" for b in blocks for d in task.domains}
+  if replace and compat == "reference" and task.num_classes:  # classification
+    skipped_blocks = {b for b in blocks if b.startswith("mome/")}
+    skipped = skipped_blocks | {f"{b}/domain/{d}" for b in skipped_blocks for d in task.domains}
+    skipped |= {e for e in experts if g in e.split("/")[2:]}
+    uses -= skipped
+  return uses
+
+
+def hand_row(task, compat, replace=False):
+  """The literal row where :data:`LITERAL_ROWS` has one, else :func:`path_list_row`."""
+  return LITERAL_ROWS.get((task.name, compat, replace)) or path_list_row(task, compat, replace)
+
+
+def only_domain(names, domain):
+  """``names`` without the domain experts of other domains than ``domain``."""
+  return {n for n in names if "/domain/" not in n or n.endswith("/domain/" + domain)}
+
+
+@functools.lru_cache(maxsize=None)
+def gradient_support(compat):
+  """``{(task id, domain): component names}`` with a nonzero gradient of the loss of one
+  example of that task and domain (randomized params, eval mode); one compile."""
+  cfg, model, frozen, params = make(compat)
+  cm = M.component_model(params, cfg)
+  params = randomize(params)
+  grad = jax.jit(jax.grad(lambda p, batch: model.loss(model.apply(p, frozen, batch), batch).sum()))
+  out = {}
+  for t, task in enumerate(TASKS):
+    for d in task.domains:
+      nonzero = component_nonzero(grad(params, batch_for([t], domains=[d])), cm.leaf_ids, len(cm.names))
+      out[t, d] = {cm.names[c] for c in np.flatnonzero(nonzero)}
+  return out
+
+
+def test_hand_written_rows_literals_agree_with_the_path_list():
+  """The literal rows and the compact path list above say the same thing."""
+  for (name, compat, replace), want in LITERAL_ROWS.items():
+    task = TASKS[task_index(name)]
+    assert path_list_row(task, compat, replace) == want, (name, compat, replace)
+
+
+@pytest.mark.parametrize("compat", COMPATS)
+def test_usage_equals_hand_written_rows(compat):
+  cfg, _, _, params = make(compat)
+  cm = M.component_model(params, cfg)
+  for t, task in enumerate(TASKS):
+    assert row(cm, cm.usage, t) == hand_row(task, compat), (task.name, "usage")
+    assert row(cm, cm.replace_usage, t) == hand_row(task, compat, True), (task.name, "replace_usage")
+
+
+@pytest.mark.parametrize("compat", COMPATS)
+def test_gradient_support_equals_hand_written_rows(compat):
+  """A task's loss moves exactly the components of its hand-written row (of an example's
+  own domain only), independently of the model's path table. Reference text generation
+  (quirk 2: the text head never reads the fused features): only the head moves."""
+  support = gradient_support(compat)
+  for t, task in enumerate(TASKS):
+    want = hand_row(task, compat)
+    if compat == "reference" and task.kind == TaskKind.TEXT_GENERATION:
+      want = {f"head/{task.name}"}
+    for d in task.domains:
+      got = support[t, d]
+      assert got == only_domain(want, d), (task.name, d, sorted(got ^ only_domain(want, d)))
+
+
+def test_usage_equals_gradient_support_per_task():
+  """A task's loss has nonzero gradient exactly on the components its usage row names
+  (domain experts: only the example's own domain)."""
+  cfg, _, _, params = make()
+  cm = M.component_model(params, cfg)
+  for (t, d), got in gradient_support("paper").items():
+    want = only_domain(row(cm, cm.usage, t), d)
+    assert got == want, f"task {TASKS[t].name}, {d}: gradient support != usage for {sorted(got ^ want)}"
+
+
+# --------------------------------------------------------------------------- golden layout
+
+
+def layout_text():
+  """Every trainable leaf (path, shape, component of each slot) for both compat modes, and
+  the usage and replace_usage rows (task -> sorted components)."""
+  out = []
+  cms = {}
+  for compat in COMPATS:
+    cfg, _, _, params = make(compat)
+    cms[compat] = cm = M.component_model(params, cfg)
+    out.append(f"## leaves compat={compat}: path shape [component], then one line per slot of a stacked leaf")
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    for (path, leaf), ids in zip(flat, jax.tree_util.tree_leaves(cm.leaf_ids), strict=True):
+      name = "/".join(str(k.key) for k in path)
+      shape, ids = tuple(np.shape(leaf)), np.asarray(ids)
+      assert shape[: ids.ndim] == ids.shape, (name, shape, ids.shape)
+      if ids.ndim == 0:
+        out.append(f"{name} {shape} {cm.names[int(ids)]}")
+        continue
+      out.append(f"{name} {shape}")
+      out += [f"  [{','.join(map(str, i))}] {cm.names[ids[i]]}" for i in np.ndindex(ids.shape)]
+  for compat in COMPATS:
+    for what in ("usage", "replace_usage"):
+      out.append(f"## {what} compat={compat}: task, then its components")
+      for t, task in enumerate(TASKS):
+        out.append(task.name)
+        out += [f"  {n}" for n in sorted(row(cms[compat], getattr(cms[compat], what), t))]
+  return "\n".join(out) + "\n"
+
+
 def test_golden_component_listing():
   cfg, _, _, params = make()
   cm = M.component_model(params, cfg)
-  golden = (HERE / "golden_tiny_components.txt").read_text().split()
-  assert list(cm.names) == golden
+  check_golden("golden_tiny_components.txt", "\n".join(cm.names) + "\n")
+
+
+def test_golden_layout_and_usage():
+  """Which leaf slot is which component, and the usage matrices (TAPJAX_REGEN_GOLDEN=1 rewrites)."""
+  check_golden("golden_tiny_layout.txt", layout_text())
 
 
 def test_parameter_counts_per_size():
@@ -95,24 +377,6 @@ def test_parameter_counts_per_size():
   flava = sum(sizes.param_counts(sizes.model_config("flava", TASKS, DOMAINS))[1].values())
   vilt = sum(sizes.param_counts(sizes.model_config("vilt", TASKS, DOMAINS))[1].values())
   assert vilt > flava  # 4 layers per block
-
-
-def test_usage_equals_gradient_support_per_task():
-  """A task's loss has nonzero gradient exactly on the components its usage row names."""
-  cfg, model, frozen, params = make()
-  cm = M.component_model(params, cfg)
-  params = randomize(params)
-  grad = jax.jit(jax.grad(lambda p, batch: model.loss(model.apply(p, frozen, batch), batch).sum()))
-  for t in range(len(TASKS)):
-    grads = grad(params, batch_for([t]))
-    nonzero = component_nonzero(grads, cm.leaf_ids, len(cm.names))
-    # domain experts: only the example's own domain is touched
-    expected = cm.usage[t].copy()
-    for c, name in enumerate(cm.names):
-      if "/domain/" in name and not name.endswith("/" + TASKS[t].domains[0]):
-        expected[c] = False
-    bad = [cm.names[c] for c in np.flatnonzero(nonzero != expected)]
-    assert not bad, f"task {TASKS[t].name}: gradient support != usage for {bad}"
 
 
 def test_unheld_components_get_exactly_zero_gradient():
@@ -160,34 +424,99 @@ def test_quirk2_text_head_conditioning():
     assert (not np.allclose(la, lb)) == conditioned
 
 
-def test_quirk3_double_projection_of_q_and_v():
-  """With identity Q/V projections both modes agree; with a non-identity one they differ."""
-  outs = {}
-  for compat in ("paper", "reference"):
-    cfg, model, frozen, params = make(compat)
-    for scale in (1.0, 2.0):
-      base = jax.tree_util.tree_map(lambda x: x[0], frozen["fusion"])
-      for w in ("q", "v"):
-        base[w] = {"kernel": scale * jnp.eye(cfg.width), "bias": jnp.zeros(cfg.width)}
-      blk = M.BLOCKS.index(("mote", "image"))
-      exp = M.EXPERTS.index(("mote", "image", "shared"))
-      take = lambda tree, *idx: jax.tree_util.tree_map(lambda x: x[idx + (0,)], tree)
-      dom = take(params["domain"], blk, 0)
-      outs[compat, scale] = np.asarray(
-        M._fusion_layer(
-          jnp.ones((1, 3, cfg.width)) * jnp.arange(cfg.width) / cfg.width,
-          jnp.ones((1, 3)),
-          take(params["block"], blk),
-          dom["q"],
-          dom["v"],
-          take(params["expert"], exp),
-          base,
-          cfg,
-          M._Keys(None),
-        )
-      )
-  np.testing.assert_allclose(outs["paper", 1.0], outs["reference", 1.0], rtol=1e-5, atol=1e-6)
-  assert not np.allclose(outs["paper", 2.0], outs["reference", 2.0])
+def np_layer_norm(p, x, eps=1e-12):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+np_erf = np.vectorize(math.erf)
+
+
+def np_ffn(x, base, lora, s):
+  """Frozen FFN (exact GELU) with LoRA ``(x @ a) @ b * s`` on both linears."""
+  lo = lambda x, p: (x @ p["a"]) @ p["b"] * s
+  h = x @ base["ffn_in"]["kernel"] + base["ffn_in"]["bias"] + lo(x, lora["in"])
+  h = 0.5 * h * (1.0 + np_erf(h / math.sqrt(2.0)))
+  return h @ base["ffn_out"]["kernel"] + base["ffn_out"]["bias"] + lo(h, lora["out"])
+
+
+def np_attend(q, k, v, mask, heads):
+  b, n, e = q.shape
+  split = lambda x: x.reshape(b, -1, heads, e // heads).transpose(0, 2, 1, 3)  # [b, heads, n, d]
+  scores = split(q) @ split(k).transpose(0, 1, 3, 2) / math.sqrt(e // heads)
+  scores = np.where(mask[:, None, None, :] > 0, scores, -np.inf)
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return (p @ split(v)).transpose(0, 2, 1, 3).reshape(b, n, e)
+
+
+def np_fusion_layer(h, mask, blk, dom_q, dom_v, expert, base, cfg):
+  """``(output, (q, k, v))`` of one fusion layer in float64 numpy, from the paper's
+  description (paper) or the published code (reference: quirks 3 and 8)."""
+  s, se = cfg.lora_alpha / cfg.lora_rank, cfg.expert_alpha / cfg.expert_rank
+  w = lambda name: base[name]["kernel"]
+  b = lambda name: base[name]["bias"]
+  y = np_layer_norm(blk["ln1"], h)
+  yq = y + np_ffn(y, base, dom_q, se)  # MoDE FFN on the Q input
+  yv = y + np_ffn(y, base, dom_v, se)  # and on the V input
+  lora_q = (yq @ blk["q"]["a"]) @ blk["q"]["b"] * s
+  lora_v = (yv @ blk["v"]["a"]) @ blk["v"]["b"] * s
+  if cfg.reference:  # a bias-free LoRA'd copy of W feeds the real projection
+    q = (yq @ w("q") + lora_q) @ w("q") + b("q")
+    v = (yv @ w("v") + lora_v) @ w("v") + b("v")
+  else:
+    q = yq @ w("q") + b("q") + lora_q
+    v = yv @ w("v") + b("v") + lora_v
+  k = y @ w("k") + b("k")
+  h = h + np_attend(q, k, v, mask, cfg.backbone.num_heads) @ w("o") + b("o")
+  return h + np_ffn(np_layer_norm(blk["ln2"], h), base, expert, se), (q, k, v)
+
+
+@pytest.mark.parametrize("compat", COMPATS)
+def test_quirk3_double_projection_of_q_and_v(compat, monkeypatch):
+  """``_fusion_layer`` against an independent numpy layer, with random (non-identity)
+  frozen weights, nonzero biases and nonzero LoRA B factors everywhere; q, k, v are
+  also checked where they enter the attention.
+
+  paper:     q = yq @ Wq + bq + lora_q(yq)
+  reference: q = (yq @ Wq + lora_q(yq)) @ Wq + bq (quirks 3 and 8), likewise v."""
+  cfg = make(compat)[0]
+  e, i, r, re = cfg.width, cfg.backbone.intermediate_size, cfg.lora_rank, cfg.expert_rank
+  rng = np.random.default_rng(7)
+  normal = lambda *shape, scale=1.0: (scale * rng.normal(size=shape)).astype(np.float32)
+  dense = lambda n_in, n_out: {
+    "kernel": normal(n_in, n_out, scale=n_in**-0.5),
+    "bias": normal(n_out, scale=0.5),
+  }
+  ln = lambda: {"scale": 1.0 + normal(e, scale=0.2), "bias": normal(e, scale=0.2)}
+  lora = lambda n_in, n_out, rank: {
+    "a": normal(n_in, rank, scale=n_in**-0.5),
+    "b": normal(rank, n_out, scale=0.3),
+  }
+  ffn_lora = lambda: {"in": lora(e, i, re), "out": lora(i, e, re)}
+  base = {k: dense(e, e) for k in "qkvo"} | {"ffn_in": dense(e, i), "ffn_out": dense(i, e)}
+  blk = {"ln1": ln(), "ln2": ln(), "q": lora(e, e, r), "v": lora(e, e, r)}
+  dom_q, dom_v, expert = ffn_lora(), ffn_lora(), ffn_lora()
+  h = normal(2, 5, e)
+  mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32)
+
+  seen = {}
+  real_attend = M.attend
+
+  def spy(q, k, v, mask, num_heads):
+    seen.update(q=np.asarray(q), k=np.asarray(k), v=np.asarray(v))
+    return real_attend(q, k, v, mask, num_heads)
+
+  monkeypatch.setattr(M, "attend", spy)
+  j = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
+  got = M._fusion_layer(
+    jnp.asarray(h), jnp.asarray(mask), j(blk), j(dom_q), j(dom_v), j(expert), j(base), cfg, M._Keys(None)
+  )
+  f64 = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), tree)
+  want, (q, k, v) = np_fusion_layer(*f64((h, mask, blk, dom_q, dom_v, expert, base)), cfg)
+  for name, a, b in (("q", seen["q"], q), ("k", seen["k"], k), ("v", seen["v"], v), ("out", got, want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"{compat}: {name}")
 
 
 def test_quirk4_image_kd():
