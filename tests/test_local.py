@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import tapjax
@@ -55,8 +56,56 @@ def test_per_task_loss_record_hand_computed():
   np.testing.assert_allclose(res.share_weighted(), np.array(want) / 2, rtol=1e-5)
 
 
-def test_epochs_without_replacement_over_valid_examples_only():
-  order = local.example_order(jax.random.key(0), jnp.asarray(5), 9)
-  assert sorted(np.asarray(order[:5]).tolist()) == [0, 1, 2, 3, 4]
-  batch = local.take_batch({"i": jnp.arange(9)}, order, jnp.asarray(5), jnp.asarray(3), 4)
-  assert set(np.asarray(batch["i"]).tolist()) <= {0, 1, 2, 3, 4}
+def test_accumulated_gradient_is_the_mean_over_micro_batches(monkeypatch):
+  """With plain SGD (AdamW is invariant to a gradient scale, so it would hide a missing
+  ``/ accum``): 2 micro-batches of 4 move the parameters exactly as one batch of 8, and
+  that one step equals ``p - lr * grad(mean loss over the 8 examples)`` by hand."""
+  monkeypatch.setattr(local, "optimizer", lambda lr, cfg: optax.sgd(lr))
+  data, loss_fn, params = _linear_problem()
+  key = jax.random.key(1)
+  one = local.train(loss_fn, params, data, 16, key, key, 0.1, local.LocalConfig(steps=1, batch_size=8), 2)
+  two = local.train(
+    loss_fn, params, data, 16, key, key, 0.1, local.LocalConfig(steps=1, batch_size=4, accum=2), 2
+  )
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), one.params, two.params)
+  order = np.asarray(local.example_order(key, jnp.asarray(16), 16))[:8]
+  x, y = np.asarray(data["x"])[order], np.asarray(data["y"])[order]
+  r = x @ np.ones(3) + 0.0 - y  # residuals at the start
+  np.testing.assert_allclose(two.params["w"], 1.0 - 0.1 * (2 * r @ x / 8), rtol=1e-5)
+  np.testing.assert_allclose(two.params["b"], -0.1 * (2 * r.mean()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch,steps,accum", [(5, 2, 1), (2, 5, 1), (1, 5, 2)])
+def test_epochs_visit_every_valid_example_once_per_epoch(batch, steps, accum):
+  """Two epochs over 5 valid examples (capacity 9): with the task id set to the example
+  index, every valid example is seen exactly twice and no padding ever."""
+  n, capacity = 5, 9
+  data = {"task": jnp.arange(capacity, dtype=jnp.int32), "x": jnp.arange(capacity, dtype=jnp.float32)}
+  loss_fn = lambda p, b, k: (p["w"] * b["x"]) ** 2
+  cfg = local.LocalConfig(steps=steps, batch_size=batch, accum=accum)
+  res = local.train(
+    loss_fn,
+    {"w": jnp.ones(())},
+    data,
+    jnp.asarray(n),
+    jax.random.key(5),
+    jax.random.key(0),
+    1e-3,
+    cfg,
+    capacity,
+  )
+  np.testing.assert_array_equal(res.task_count, [2, 2, 2, 2, 2, 0, 0, 0, 0])
+  # the loss record is each example's own loss (w ~ 1: x ** 2), so it is a real per-example record
+  np.testing.assert_allclose(res.task_mean()[:n], np.arange(n) ** 2, rtol=1e-2)
+
+
+def test_example_order_is_a_permutation_of_the_valid_examples_then_padding():
+  for seed in range(5):
+    order = np.asarray(local.example_order(jax.random.key(seed), jnp.asarray(5), 9))
+    assert sorted(order[:5].tolist()) == [0, 1, 2, 3, 4]
+    assert sorted(order[5:].tolist()) == [5, 6, 7, 8]
+  # and the order depends on the key
+  orders = {
+    tuple(np.asarray(local.example_order(jax.random.key(s), jnp.asarray(5), 9))[:5]) for s in range(8)
+  }
+  assert len(orders) > 4
