@@ -12,6 +12,7 @@ from tapjax.components import Rule, assign_components, assign_named, holders, le
 from tapjax.distill import distill_loss, kd_divergence, kd_loss
 from tapjax.federation import (
   Algorithm,
+  Fault,
   FedData,
   HParams,
   RoundInfo,

@@ -4,9 +4,14 @@
 Per-client state is one pytree whose arrays lead with a ``[clients]`` axis. A
 round samples its cohort from ``(root key, round)`` alone, gathers the cohort's
 rows, trains them with a one-client function mapped by :class:`ClientMap`,
-scatters them back and aggregates. Structure (task set, step counts, cohort
-size, model) is static; numbers (margins, KD weights, learning rates, round,
-keys) are array arguments, so a jitted round compiles once.
+scatters them back and aggregates. Fault quarantine: a cohort client whose loss
+record or trained parameters are not finite is left out of that round (no
+aggregation weight, its personal row and bookkeeping keep their old values) and
+named in ``RoundInfo.rejected`` / ``RoundInfo.reason``; the check is part of the
+jitted round (a selection, so a finite round is bit-identical to one without
+it). Structure (task set, step counts, cohort size, model) is static; numbers
+(margins, KD weights, learning rates, round, keys) are array arguments, so a
+jitted round compiles once.
 
 The library returns un-jitted functions; the caller jits (with donation)::
 
@@ -20,6 +25,7 @@ The library returns un-jitted functions; the caller jits (with donation)::
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -146,16 +152,32 @@ class State(NamedTuple):
   replaced_components: jax.Array  # [clients, components] int32, cumulative
 
 
+class Fault(enum.IntFlag):
+  """Why a cohort client was rejected (``RoundInfo.reason``; the flags combine)."""
+
+  NONE = 0
+  LOSS = 1  # a loss record of a task the client holds is NaN or infinite
+  PARAMS = 2  # a trained parameter (upload or personal model) is NaN or infinite
+
+
 class RoundInfo(NamedTuple):
-  """What a round did, for logs and the appendix figures."""
+  """What a round did, for logs and the appendix figures.
+
+  A rejected client (``reason != 0``) was left out of everything the round
+  changes: it sent nothing to the aggregation, its personal row, student losses
+  and replacement counts keep their values from before the round. Its loss
+  records are reported as computed (so the NaN shows).
+  """
 
   clients: jax.Array  # [cohort] global client ids
   lr: jax.Array  # scalar
   global_loss: jax.Array  # [cohort, tasks] loss record of the locally trained global copy
   personal_loss: jax.Array  # [cohort, tasks] loss record of the personal model
   active: jax.Array  # [cohort, tasks] bool, tasks seen this round
-  replaced: jax.Array  # [cohort, tasks] bool
+  replaced: jax.Array  # [cohort, tasks] bool, applied replacements (none for rejected clients)
   replaced_components: jax.Array  # [cohort, components] bool
+  rejected: jax.Array  # [cohort] bool, left out of this round (non-finite loss or update)
+  reason: jax.Array  # [cohort] int32, a :class:`Fault` bit set (0 = accepted)
 
 
 class Algorithm(NamedTuple):
@@ -297,8 +319,47 @@ def _train(
   )
 
 
-def _aggregate(setup: Setup, state: State, trained: PyTree, c: _Cohort) -> aggregate.ServerState:
-  agg = aggregate.masked_mean(trained, c.held, c.num_examples, setup.leaf_ids, state.server.params)
+def _rows_finite(tree: PyTree) -> jax.Array:
+  """``[cohort]`` bool: every value of the row is finite, over all ``[cohort, ...]`` leaves."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  per_leaf = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in leaves]
+  return functools.reduce(jnp.logical_and, per_leaf)
+
+
+class _Verdict(NamedTuple):
+  ok: jax.Array  # [cohort] bool
+  reason: jax.Array  # [cohort] int32 Fault bits
+
+
+def _quarantine(c: _Cohort, losses: tuple, trained: tuple) -> _Verdict:
+  """Which cohort clients' results may enter the federation.
+
+  Args:
+    losses: ``[cohort, tasks]`` loss records; only tasks a client holds count.
+    trained: ``[cohort, ...]`` pytrees the client produced (uploads, personal models).
+  """
+  loss_ok = _rows_finite(tuple(jnp.where(c.tasks, x, 0.0) for x in losses))
+  params_ok = _rows_finite(trained)
+  reason = jnp.where(loss_ok, 0, int(Fault.LOSS)) | jnp.where(params_ok, 0, int(Fault.PARAMS))
+  return _Verdict(reason == 0, reason.astype(jnp.int32))
+
+
+def _keep_rows(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """Rows of ``new`` where ``ok [cohort]``, else of ``old`` (a selection: accepted rows are
+  bit-identical to ``new``)."""
+  return jax.tree_util.tree_map(
+    lambda n, o: jnp.where(ok.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old
+  )
+
+
+def _aggregate(
+  setup: Setup, state: State, trained: PyTree, c: _Cohort, ok: jax.Array
+) -> aggregate.ServerState:
+  """Aggregate the accepted clients' uploads (a rejected client holds nothing this round;
+  its rows are zeroed so that a NaN cannot leak through a zero weight)."""
+  trained = _keep_rows(ok, trained, jax.tree_util.tree_map(jnp.zeros_like, trained))
+  held = c.held & ok[:, None]
+  agg = aggregate.masked_mean(trained, held, c.num_examples, setup.leaf_ids, state.server.params)
   return aggregate.server_update(state.server, agg, setup.leaf_ids, setup.server_optimizer)
 
 
@@ -421,25 +482,30 @@ def tap(setup: Setup) -> Algorithm:
         state.round,
       )
 
-    r = setup.client_map(client)(
-      c.ids,
-      gather(state.personal, c.ids),
-      state.student_loss[c.ids],
-      c.examples,
-      c.num_examples,
-      c.tasks,
-      c.held,
-    )
+    personal, student_loss = gather(state.personal, c.ids), state.student_loss[c.ids]
+    r = setup.client_map(client)(c.ids, personal, student_loss, c.examples, c.num_examples, c.tasks, c.held)
+    # A client whose loss or params are not finite changes nothing this round.
+    v = _quarantine(c, (r.global_loss, r.personal_loss), (r.upload, r.personal))
+    replaced = r.replaced & v.ok[:, None]
+    replaced_components = r.replaced_components & v.ok[:, None]
     new = state._replace(
       round=state.round + 1,
-      server=_aggregate(setup, state, r.upload, c),
-      personal=scatter(state.personal, c.ids, r.personal),
-      student_loss=state.student_loss.at[c.ids].set(r.student_loss),
-      replaced_tasks=state.replaced_tasks.at[c.ids].add(r.replaced.astype(jnp.int32)),
-      replaced_components=state.replaced_components.at[c.ids].add(r.replaced_components.astype(jnp.int32)),
+      server=_aggregate(setup, state, r.upload, c, v.ok),
+      personal=scatter(state.personal, c.ids, _keep_rows(v.ok, r.personal, personal)),
+      student_loss=state.student_loss.at[c.ids].set(_keep_rows(v.ok, r.student_loss, student_loss)),
+      replaced_tasks=state.replaced_tasks.at[c.ids].add(replaced.astype(jnp.int32)),
+      replaced_components=state.replaced_components.at[c.ids].add(replaced_components.astype(jnp.int32)),
     )
     return new, RoundInfo(
-      c.ids, c.lr, r.global_loss, r.personal_loss, r.active, r.replaced, r.replaced_components
+      c.ids,
+      c.lr,
+      r.global_loss,
+      r.personal_loss,
+      r.active,
+      replaced,
+      replaced_components,
+      ~v.ok,
+      v.reason,
     )
 
   return Algorithm(init, round_)
@@ -469,7 +535,9 @@ def _train_cohort(
   return setup.client_map(client)(c.ids, starts, c.examples, c.num_examples, c.tasks, c.held)
 
 
-def _no_replacement_info(setup: Setup, c: _Cohort, global_loss, personal_loss, active) -> RoundInfo:
+def _no_replacement_info(
+  setup: Setup, c: _Cohort, global_loss, personal_loss, active, v: _Verdict
+) -> RoundInfo:
   return RoundInfo(
     c.ids,
     c.lr,
@@ -478,6 +546,8 @@ def _no_replacement_info(setup: Setup, c: _Cohort, global_loss, personal_loss, a
     active,
     jnp.zeros_like(active),
     jnp.zeros((setup.cohort_size, setup.num_components), bool),
+    ~v.ok,
+    v.reason,
   )
 
 
@@ -493,8 +563,9 @@ def fedavg(setup: Setup) -> Algorithm:
     g_params, g_loss, active = _train_cohort(
       setup, c, starts, frozen, root, state.round, Purpose.GLOBAL_DATA, Purpose.GLOBAL_DROPOUT
     )
-    new = state._replace(round=state.round + 1, server=_aggregate(setup, state, g_params, c))
-    return new, _no_replacement_info(setup, c, g_loss, jnp.full_like(g_loss, jnp.nan), active)
+    v = _quarantine(c, (g_loss,), (g_params,))
+    new = state._replace(round=state.round + 1, server=_aggregate(setup, state, g_params, c, v.ok))
+    return new, _no_replacement_info(setup, c, g_loss, jnp.full_like(g_loss, jnp.nan), active, v)
 
   return Algorithm(init, round_)
 
@@ -507,18 +578,14 @@ def local_only(setup: Setup) -> Algorithm:
 
   def round_(state: State, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
     c = _cohort(setup, state, data, hp, root)
+    before = gather(state.personal, c.ids)
     personal, p_loss, active = _train_cohort(
-      setup,
-      c,
-      gather(state.personal, c.ids),
-      frozen,
-      root,
-      state.round,
-      Purpose.LOCAL_DATA,
-      Purpose.LOCAL_DROPOUT,
+      setup, c, before, frozen, root, state.round, Purpose.LOCAL_DATA, Purpose.LOCAL_DROPOUT
     )
+    v = _quarantine(c, (p_loss,), (personal,))
+    personal = _keep_rows(v.ok, personal, before)
     new = state._replace(round=state.round + 1, personal=scatter(state.personal, c.ids, personal))
-    return new, _no_replacement_info(setup, c, jnp.full_like(p_loss, jnp.nan), p_loss, active)
+    return new, _no_replacement_info(setup, c, jnp.full_like(p_loss, jnp.nan), p_loss, active, v)
 
   return Algorithm(init, round_)
 
