@@ -1,10 +1,27 @@
-"""The experiment pipeline behind ``experiments.tap`` (importable, no flags)."""
+"""The experiment pipeline behind ``experiments.tap`` (importable, no flags).
+
+An experiment is a sequence of stages, each resumable from a checkpoint:
+
+  tap            TAP stage 1, ``rounds`` rounds (then FedAvg's global model is evaluated)
+  local          the Local-only baseline, ``rounds`` rounds (then evaluated)
+  post           stage 2: post-training of every client's global slice (FedAvg + post-train)
+  distill        stage 2: distillation into TAP's personal models
+  distill_no_kd  stage 2: the same with lambda = 0 (TAP w/o KD)
+
+A checkpoint is written every ``checkpoint_every`` rounds and at every stage boundary
+(see :class:`Experiment`). Every key derives from ``(root, stage, round, client,
+purpose)``, so a run resumed at a boundary computes exactly what the uninterrupted
+run computes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -137,32 +154,34 @@ def _kind_counts(replaced, fed) -> dict:
   return out
 
 
-def stage1(alg, w, rounds, desc, log=None):
-  state = alg.init(w["params"], w["fed"].num_clients)
-  round_fn = jax.jit(alg.round, donate_argnums=0)
-  cumulative = {k.name.lower(): 0 for k in TaskKind}
-  history = []
-  for r in tqdm(range(rounds), desc=desc, unit="round"):
-    state, info = round_fn(state, w["frozen"], w["train"], w["hp"], w["root"])
-    jax.block_until_ready(info)  # honest progress bars
-    if log is not None:
-      counts = _kind_counts(info.replaced, w["fed"])
-      for k, v in counts.items():
-        cumulative[k] += v
-      active = np.asarray(info.active)
-      rec = {
-        "round": r + 1,
-        "lr": float(info.lr),
-        "clients": np.asarray(info.clients).tolist(),
-        "global_loss": float(np.asarray(info.global_loss)[active].mean()),
-        "personal_loss": float(np.asarray(info.personal_loss)[active].mean()),
-        "replaced": counts,
-        "cumulative_replaced": dict(cumulative),
-      }
-      history.append(rec)
-      log.write(json.dumps(rec) + "\n")
-      log.flush()
-  return state, history
+def rejections(info) -> list[dict]:
+  """``[{"client": id, "reason": [...]}]`` for every client the round left out."""
+  reasons = {tapjax.Fault.LOSS: "non-finite loss", tapjax.Fault.PARAMS: "non-finite parameters"}
+  out = []
+  for cid, bits in zip(
+    np.asarray(info.clients)[np.asarray(info.rejected)], np.asarray(info.reason)[np.asarray(info.rejected)]
+  ):
+    out.append({"client": int(cid), "reason": [why for flag, why in reasons.items() if int(bits) & flag]})
+  return out
+
+
+def round_record(info, round_: int, fed, cumulative: dict) -> dict:
+  """One line of ``metrics.jsonl`` (``cumulative`` replacement counts are updated in place)."""
+  counts = _kind_counts(info.replaced, fed)
+  for k, v in counts.items():
+    cumulative[k] += v
+  accepted = np.asarray(info.active) & ~np.asarray(info.rejected)[:, None]
+  mean = lambda x: float(np.asarray(x)[accepted].mean()) if accepted.any() else float("nan")
+  return {
+    "round": round_,
+    "lr": float(info.lr),
+    "clients": np.asarray(info.clients).tolist(),
+    "global_loss": mean(info.global_loss),
+    "personal_loss": mean(info.personal_loss),
+    "replaced": counts,
+    "cumulative_replaced": dict(cumulative),
+    "rejected": rejections(info),
+  }
 
 
 def evaluate(w, stacked, cfg):
@@ -201,53 +220,200 @@ def summarize(w, evals: dict) -> dict:
   return out
 
 
+# ----------------------------------------------------------------------------- resumable run
+
+STAGES = ("tap", "local", "post", "distill", "distill_no_kd", "done")
+METHODS = ("local", "fedavg", "fedavg_post", "tap_no_kd", "tap")  # results.json order
+FORMAT = 1  # of the checkpoint metadata
+
+
+class Stopped(Exception):
+  """The run stopped on request (SIGTERM) after its progress was saved."""
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where a run is (JSON in every checkpoint's metadata)."""
+
+  stage: str = "tap"  # the stage in progress (one of STAGES)
+  round: int = 0  # rounds completed in "tap" / "local"
+  step: int = 0  # the last checkpoint step written (0: none)
+  history: list = dataclasses.field(default_factory=list)  # metrics.jsonl records so far
+  evals: dict = dataclasses.field(default_factory=dict)  # method -> {metric: [clients][tasks]}
+  wall_seconds: float = 0.0  # over every process of the run, up to the last save
+
+  def where(self, rounds: int) -> str:
+    """What is done, in words (``rounds``: rounds per stage-1 stage)."""
+    if self.stage == "tap":
+      return f"TAP stage 1 round {self.round} of {rounds} done"
+    if self.stage == "local" and self.round:
+      return f"Local only round {self.round} of {rounds} done"
+    return {
+      "local": "TAP stage 1 done",
+      "post": "Local only done",
+      "distill": "stage 2 post-training done",
+      "distill_no_kd": "stage 2 distillation done",
+      "done": "all done",
+    }[self.stage]
+
+
+class Experiment:
+  """One experiment, from its config, optionally resumable through ``store``.
+
+  Checkpointed arrays, by stage: ``tap`` (TAP's :class:`tapjax.State`: server state,
+  every client's personal params, student losses, replacement counts; in every
+  stage), ``local`` (the Local-only State, during its rounds), ``teachers`` (stage 2's
+  post-trained global slices, ``[clients, ...]``). The metadata holds the
+  :class:`Progress`: stage, round, metrics history, the evaluations of methods
+  already final. The frozen backbone is never written (``build`` recreates it).
+
+  Constructing it builds the world and (``resume``) restores the newest checkpoint (raising
+  :class:`experiments.checkpoint.CheckpointError` if it cannot be used) before any
+  training; :meth:`run` does the rest.
+  """
+
+  def __init__(self, cfg, store=None, resume: bool = True):
+    self.cfg, self.store = cfg, store
+    self.w = build(cfg)
+    self.algs = {"tap": tapjax.tap(self.w["setup"]), "local": tapjax.local_only(self.w["setup"])}
+    self.progress, self.arrays, self.resumed_from = Progress(), {}, None
+    step = store.latest() if store is not None and resume else None
+    if step is not None:
+      meta = store.meta(step)
+      if meta.get("format") != FORMAT or meta.get("progress", {}).get("stage") not in STAGES:
+        from experiments.checkpoint import CheckpointError
+
+        raise CheckpointError(
+          f"checkpoint {store.directory / str(step)} was not written by this version of the experiment "
+          "(unknown metadata format); pass --overwrite to start the run again"
+        )
+      progress = Progress(**meta["progress"])
+      self.arrays = store.restore(step, self._template(progress))
+      self.progress, self.resumed_from = progress, step
+
+  # --------------------------------------------------------------------------- checkpoints
+
+  def _template(self, p: Progress) -> dict:
+    """Shapes and dtypes of the arrays a checkpoint at ``p`` holds."""
+    n, params = self.w["fed"].num_clients, self.w["params"]
+    state = jax.eval_shape(lambda x: self.algs["tap"].init(x, n), params)
+    out = {"tap": state}
+    if p.stage == "local" and p.round > 0:
+      out["local"] = state
+    if p.stage in ("distill", "distill_no_kd"):
+      out["teachers"] = jax.eval_shape(lambda x: tapjax.federation.stack(x, n), params)
+    return out
+
+  def _checkpoint(self, stop, boundary: bool):
+    """After a round or a stage: save (every ``checkpoint_every`` rounds, at a boundary,
+    or when a stop was requested); then stop if requested."""
+    p, stopping = self.progress, stop()
+    due = boundary or stopping or p.round % self.cfg.checkpoint_every == 0
+    if self.store is not None and due:
+      p.step += 1
+      meta = dataclasses.asdict(p)
+      meta["wall_seconds"] = p.wall_seconds + time.time() - self._t0
+      self.store.save(p.step, self.arrays, {"format": FORMAT, "progress": meta})
+      print(f"checkpoint step {p.step}: {p.where(self.cfg.rounds)}", flush=True)
+    if stopping:
+      if self.store is not None:
+        self.store.wait()
+      raise Stopped(p.where(self.cfg.rounds))
+
+  def _evaluate(self, method: str, stacked):
+    self.progress.evals[method] = {k: v.tolist() for k, v in evaluate(self.w, stacked, self.cfg).items()}
+
+  # --------------------------------------------------------------------------- stages
+
+  def _rounds(self, name: str, log, stop):
+    """The remaining rounds of stage ``name`` ("tap" or "local")."""
+    w, p, rounds = self.w, self.progress, self.cfg.rounds
+    if name not in self.arrays:
+      self.arrays[name] = self.algs[name].init(w["params"], w["fed"].num_clients)
+    round_fn = jax.jit(self.algs[name].round, donate_argnums=0)
+    cumulative = (
+      dict(p.history[-1]["cumulative_replaced"]) if p.history else {k.name.lower(): 0 for k in TaskKind}
+    )
+    desc = "TAP stage 1" if name == "tap" else "Local only"
+    for r in tqdm(range(p.round, rounds), desc=desc, unit="round", initial=p.round, total=rounds):
+      self.arrays[name], info = round_fn(self.arrays[name], w["frozen"], w["train"], w["hp"], w["root"])
+      jax.block_until_ready(info)  # honest progress bars
+      p.round = r + 1
+      rejected = rejections(info)
+      if rejected:
+        print(f"{desc} round {r + 1}: left out {rejected}", flush=True)
+      if name == "tap":
+        p.history.append(round_record(info, r + 1, w["fed"], cumulative))
+        log.write(json.dumps(p.history[-1]) + "\n")
+        log.flush()
+      if r + 1 < rounds:
+        self._checkpoint(stop, boundary=False)
+
+  def run(self, log_path: pathlib.Path | None = None, stop=lambda: False):
+    """Run (or finish) the experiment; returns ``(results dict, per-round history)``.
+    ``stop()`` is polled after every round and stage; when it returns True the progress
+    is saved and :class:`Stopped` raised."""
+    self._t0 = time.time()
+    w, p, setup, hp = self.w, self.progress, self.w["setup"], self.w["hp"]
+    n = w["fed"].num_clients
+    with open(log_path or os.devnull, "w") as log:
+      for rec in p.history:
+        log.write(json.dumps(rec) + "\n")
+      log.flush()
+      if p.stage == "tap":
+        self._rounds("tap", log, stop)
+        self._evaluate("fedavg", tapjax.federation.stack(tapjax.final_global(setup, self.arrays["tap"]), n))
+        p.stage, p.round = "local", 0
+        self._checkpoint(stop, boundary=True)
+    if p.stage == "local":
+      self._rounds("local", None, stop)
+      self._evaluate("local", self.arrays.pop("local").personal)
+      p.stage = "post"
+      self._checkpoint(stop, boundary=True)
+    # Stage 2: post-training of every client's global slice ("FedAvg + post-train",
+    # and TAP's KD teacher: TAP's global model IS FedAvg's, same keys), then
+    # distillation into the personal models; TAP without KD is lambda = 0 through
+    # the same compiled distillation program.
+    tap_state = self.arrays["tap"]
+    dist = jax.jit(tapjax.distill_personal(setup))
+    if p.stage == "post":
+      final_global = tapjax.final_global(setup, tap_state)
+      teachers = jax.jit(tapjax.post_train(setup))(final_global, w["frozen"], w["train"], hp, w["root"])
+      self.arrays["teachers"] = jax.block_until_ready(teachers)
+      self._evaluate("fedavg_post", teachers)
+      p.stage = "distill"
+      self._checkpoint(stop, boundary=True)
+    if p.stage == "distill":
+      personal = dist(tap_state.personal, self.arrays["teachers"], w["frozen"], w["train"], hp, w["root"])
+      self._evaluate("tap", personal)
+      p.stage = "distill_no_kd"
+      self._checkpoint(stop, boundary=True)
+    if p.stage == "distill_no_kd":
+      no_kd = hp._replace(kd_weight=jnp.zeros_like(hp.kd_weight))
+      personal = dist(tap_state.personal, self.arrays["teachers"], w["frozen"], w["train"], no_kd, w["root"])
+      self._evaluate("tap_no_kd", personal)
+      p.stage = "done"
+    if self.store is not None:
+      self.store.wait()
+    p.wall_seconds += time.time() - self._t0
+    return self._results(), p.history
+
+  def _results(self) -> dict:
+    fed, p = self.w["fed"], self.progress
+    evals = {m: {k: np.asarray(v) for k, v in p.evals[m].items()} for m in METHODS}
+    return {
+      "methods": summarize(self.w, evals),
+      "tasks": [{"name": t.name, "kind": t.kind.name.lower(), "group": t.group} for t in fed.tasks],
+      "clients": list(fed.client_names),
+      "replacements": {
+        "per_client_task": np.asarray(self.arrays["tap"].replaced_tasks).tolist(),
+        "cumulative_by_kind": [h["cumulative_replaced"] for h in p.history],
+      },
+      "components": list(self.w["cm"].names),
+      "wall_seconds": p.wall_seconds,
+    }
+
+
 def run_experiment(cfg, log_path: pathlib.Path | None = None):
-  """Everything; returns ``(results dict, per-round history)``."""
-  w = build(cfg)
-  setup, hp = w["setup"], w["hp"]
-  with open(log_path, "w") if log_path else open("/dev/null", "w") as log:
-    tap_state, history = stage1(tapjax.tap(setup), w, cfg.rounds, "TAP stage 1", log)
-  local_state, _ = stage1(tapjax.local_only(setup), w, cfg.rounds, "Local only")
-  final_global = tapjax.final_global(setup, tap_state)
-  n = w["fed"].num_clients
-  # Stage 2: post-training of every client's global slice ("FedAvg + post-train",
-  # and TAP's KD teacher: TAP's global model IS FedAvg's, same keys), then
-  # distillation into the personal models; TAP without KD is lambda = 0 through
-  # the same compiled distillation program.
-  dist = jax.jit(tapjax.distill_personal(setup))
-  no_kd = hp._replace(kd_weight=jnp.zeros_like(hp.kd_weight))
-  global_slices = tapjax.federation.stack(final_global, n)
-  bar = tqdm(total=3, desc="stage 2", unit="phase")
-  teachers = jax.block_until_ready(
-    jax.jit(tapjax.post_train(setup))(final_global, w["frozen"], w["train"], hp, w["root"])
-  )
-  bar.update()
-  tap_personal = jax.block_until_ready(
-    dist(tap_state.personal, teachers, w["frozen"], w["train"], hp, w["root"])
-  )
-  bar.update()
-  tap_no_kd = jax.block_until_ready(
-    dist(tap_state.personal, teachers, w["frozen"], w["train"], no_kd, w["root"])
-  )
-  bar.update()
-  bar.close()
-  models = {
-    "local": local_state.personal,
-    "fedavg": global_slices,
-    "fedavg_post": teachers,
-    "tap_no_kd": tap_no_kd,
-    "tap": tap_personal,
-  }
-  evals = {m: evaluate(w, p, cfg) for m, p in tqdm(models.items(), desc="evaluate", unit="method")}
-  fed = w["fed"]
-  results = {
-    "methods": summarize(w, evals),
-    "tasks": [{"name": t.name, "kind": t.kind.name.lower(), "group": t.group} for t in fed.tasks],
-    "clients": list(fed.client_names),
-    "replacements": {
-      "per_client_task": np.asarray(tap_state.replaced_tasks).tolist(),
-      "cumulative_by_kind": [h["cumulative_replaced"] for h in history],
-    },
-    "components": list(w["cm"].names),
-  }
-  return results, history
+  """Everything in one process, no checkpoints; returns ``(results dict, per-round history)``."""
+  return Experiment(cfg).run(log_path)

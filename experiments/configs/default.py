@@ -59,4 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_batch = 32
   c.plots = True
   c.compilation_cache = "~/.cache/tapjax/xla"  # persistent XLA cache ("" = off): reruns skip compiling
+  # --- checkpoints (<workdir>/checkpoints; a rerun of the same command resumes)
+  c.checkpoint_every = 5  # rounds between checkpoints (also at every stage boundary)
+  c.keep_checkpoints = 2  # newest complete checkpoints kept
   return c
