@@ -1,47 +1,31 @@
-"""Smoke: the experiment module end to end on the tiny config in a tmp workdir."""
+"""Smoke: the experiment module end to end on the tiny config in a tmp workdir
+(the uninterrupted run of ``tap_runs.baseline``, shared with the resume tests)."""
 
 import json
 import math
-import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).parents[1]
+import tap_runs
+
 METHODS = {"local", "fedavg", "fedavg_post", "tap_no_kd", "tap"}
 
 
-def run_tap(workdir, *extra):
-  cmd = [
-    sys.executable,
-    "-m",
-    "experiments.tap",
-    f"--workdir={workdir}",
-    "--config=experiments/configs/tiny.py",
-    "--config.compilation_cache=",
-    *extra,
-  ]
-  return subprocess.run(
-    cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
-  )
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  wd = tmp_path_factory.mktemp("tap_run")
-  out = run_tap(wd)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return wd, out.stdout
+def workdir():
+  wd, stdout, _ = tap_runs.baseline()
+  return wd, stdout
 
 
 def test_writes_metrics_results_and_plots(workdir):
   wd, stdout = workdir
   lines = (wd / "metrics.jsonl").read_text().splitlines()
-  assert len(lines) == 2  # tiny config: 2 rounds
+  assert len(lines) == tap_runs.ROUNDS
   rec = json.loads(lines[-1])
-  assert rec["round"] == 2 and len(rec["clients"]) == 2
+  assert rec["round"] == tap_runs.ROUNDS and len(rec["clients"]) == 2
+  assert all(json.loads(line)["rejected"] == [] for line in lines)
   assert set(rec["cumulative_replaced"]) == {
     "image_classification",
     "text_classification",
@@ -71,15 +55,25 @@ def test_writes_metrics_results_and_plots(workdir):
   assert "per-task mean over clients" in stdout and "TAP w/o KD" in stdout
 
 
-def test_refuses_to_overwrite_and_loses_nothing(workdir):
+def test_checkpoints_kept_and_stage_boundaries_announced(workdir):
+  wd, stdout = workdir
+  steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir())
+  assert len(steps) == 2 and not any("tmp" in p.name for p in (wd / "checkpoints").iterdir())
+  for where in ("TAP stage 1 done", "Local only done", "post-training done", "distillation done"):
+    assert where in stdout
+
+
+def test_a_finished_run_is_not_redone(workdir):
   wd, _ = workdir
-  before = (wd / "results.json").read_bytes()
-  out = run_tap(wd)
-  assert out.returncode != 0
-  assert "--overwrite" in out.stderr
-  assert (wd / "results.json").read_bytes() == before
+  before = tap_runs.snapshot(wd)
+  out = tap_runs.run(wd, timeout=60)
+  assert out.returncode == 0, out.stderr
+  assert "already holds this run's results" in out.stdout
+  assert tap_runs.snapshot(wd) == before
 
 
 def test_missing_workdir_is_a_usage_error():
-  out = subprocess.run([sys.executable, "-m", "experiments.tap"], cwd=ROOT, capture_output=True, text=True)
-  assert out.returncode != 0 and "workdir" in out.stderr
+  out = subprocess.run(
+    [sys.executable, "-m", "experiments.tap"], cwd=tap_runs.ROOT, capture_output=True, text=True
+  )
+  assert out.returncode == 2 and "--workdir is required" in out.stderr

@@ -1,0 +1,75 @@
+"""Pre-emption and resume of ``experiments.tap``: SIGTERM in stage 1, then SIGKILL in
+stage 1 and in stage 2, each followed by a rerun of the same command; the final
+results equal the uninterrupted run's exactly."""
+
+import json
+import re
+import signal
+import time
+
+import tap_runs
+
+LINE = re.compile(r"checkpoint step (\d+): (.*)")
+
+
+def finish(proc, lines, timeout=300):
+  rest, _ = proc.communicate(timeout=timeout)
+  lines.append(rest)
+  return "".join(lines)
+
+
+def resumed_at(output: str) -> str:
+  m = re.search(r"resumed from \S+ step \d+: (.*)", output)
+  assert m, output[-3000:]
+  return m.group(1)
+
+
+def test_sigterm_then_kills_resume_to_the_uninterrupted_results(tmp_path):
+  base_wd, _, _ = tap_runs.baseline()
+  wd = tmp_path / "wd"
+  rounds = tap_runs.ROUNDS
+
+  # 1. SIGTERM during TAP stage 1: the round in flight finishes, is saved, exit 143.
+  proc, lines = tap_runs.start(wd), []
+  tap_runs.read_until(proc, "checkpoint step 1: TAP stage 1 round 1", lines)
+  sent = time.perf_counter()
+  proc.send_signal(signal.SIGTERM)
+  out = finish(proc, lines, timeout=120)
+  waited = time.perf_counter() - sent
+  assert proc.returncode == 143, out[-3000:]
+  assert "stopped by SIGTERM after saving checkpoint" in out and "Traceback" not in out
+  last = [m.group(2) for m in map(LINE.search, out.splitlines()) if m][-1]
+  stopped = int(re.match(r"TAP stage 1 round (\d+)", last).group(1))
+  assert stopped in (2, 3), last  # the round running when the signal came (rarely the next)
+  assert waited < 60, waited
+  assert not (wd / "results.json").exists()
+
+  # 2. The rerun resumes there; SIGKILL it later in stage 1.
+  proc, lines = tap_runs.start(wd), []
+  line = tap_runs.read_until(proc, "resumed from", lines)
+  assert f"TAP stage 1 round {stopped} of {rounds} done" in line
+  tap_runs.read_until(proc, f"TAP stage 1 round {stopped + 2} of", lines)
+  proc.kill()
+  proc.wait()
+
+  # 3. The rerun resumes in stage 1 again; SIGKILL it in stage 2. A save waits for the
+  # one before it, so once the second stage-2 save is queued the first is complete.
+  proc, lines = tap_runs.start(wd), []
+  where = resumed_at(tap_runs.read_until(proc, "resumed from", lines))
+  assert where.startswith("TAP stage 1 round"), where
+  assert int(where.split()[4]) >= stopped + 1
+  tap_runs.read_until(proc, "stage 2 distillation done", lines)
+  proc.kill()
+  proc.wait()
+
+  # 4. The last rerun resumes in stage 2 and finishes.
+  proc, lines = tap_runs.start(wd), []
+  out = finish(proc, lines)
+  assert proc.returncode == 0, out[-3000:]
+  assert resumed_at(out).startswith("stage 2"), resumed_at(out)
+
+  assert tap_runs.results(wd) == tap_runs.results(base_wd)
+  assert (wd / "metrics.jsonl").read_text() == (base_wd / "metrics.jsonl").read_text()
+  assert json.loads((wd / "config.json").read_text()) == json.loads((base_wd / "config.json").read_text())
+  leftovers = [p.name for p in (wd / "checkpoints").iterdir() if "tmp" in p.name]
+  assert not leftovers, leftovers
