@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tapjax
-from tapjax.data.tasks import DOMAINS, TASKS, TaskKind, task_index
+from tapjax.data.tasks import DOMAINS, MODALITIES, TASK_GROUPS, TASKS, TaskKind, task_index
 from tapjax.model import sizes, tap as M
 
 HERE = pathlib.Path(__file__).parent
@@ -229,19 +229,30 @@ LITERAL_ROWS = {  # (task, compat, replace) -> row
 }
 
 
+def hand_paths(m, g, compat):
+  """The fusion paths of an input of modality ``m`` for a task of group ``g``, as listed
+  above: ``(input, MoTE block, MoTE expert, MoME block, MoME expert)``."""
+  paths = [
+    ("shared_proj", f"mote/{m}", f"expert/mote/shared/{g}", f"mome/{g}", f"expert/mome/{g}/shared"),
+    ("private", f"mote/{m}", f"expert/mote/{m}/{g}", f"mome/{g}", f"expert/mome/{g}/{m}"),
+    ("private", f"mote/{m}", f"expert/mote/{m}/shared", "mome/shared", f"expert/mome/shared/{m}"),
+  ]
+  if compat == "paper":  # shared -> shared
+    paths.append(
+      ("shared_proj", "mote/shared", "expert/mote/shared/shared", "mome/shared", "expert/mome/shared/shared")
+    )
+  return paths
+
+
 def path_list_row(task, compat, replace=False):
   """The components ``task`` uses (``replace``: that the replacement rule copies), from the
   path list above."""
   g = task.group
   blocks, experts = set(), set()
   for m in task.modalities:
-    blocks |= {f"mote/{m}", f"mome/{g}", "mome/shared"}
-    experts |= {f"expert/mote/shared/{g}", f"expert/mome/{g}/shared"}  # shared -> task
-    experts |= {f"expert/mote/{m}/{g}", f"expert/mome/{g}/{m}"}  # modality -> task
-    experts |= {f"expert/mote/{m}/shared", f"expert/mome/shared/{m}"}  # modality -> shared
-    if compat == "paper":  # shared -> shared
-      blocks.add("mote/shared")
-      experts |= {"expert/mote/shared/shared", "expert/mome/shared/shared"}
+    for _, mote, mote_e, mome, mome_e in hand_paths(m, g, compat):
+      blocks |= {mote, mome}
+      experts |= {mote_e, mome_e}
   uses = {"shared_proj", f"head/{task.name}"} | {f"encoder/{m}" for m in task.modalities}
   uses |= blocks | experts | {f"{b}/domain/{d}" for b in blocks for d in task.domains}
   if replace and compat == "reference" and task.num_classes:  # classification
@@ -307,6 +318,57 @@ def test_gradient_support_equals_hand_written_rows(compat):
     for d in task.domains:
       got = support[t, d]
       assert got == only_domain(want, d), (task.name, d, sorted(got ^ only_domain(want, d)))
+
+
+@pytest.mark.parametrize("compat", COMPATS)
+def test_fuse_follows_hand_written_paths(compat):
+  """``_fuse`` is the mean over the hand-written paths of each path's masked mean-pooled
+  output of its own MoTE and MoME layers (block, expert and domain expert slots looked up
+  by component name), for every (modality, group) and a different domain per example:
+  pins the wiring, which the usage rows (sets of names) cannot."""
+  cfg, _, frozen, params = make(compat)
+  assert cfg.num_layers == 1  # MoTE = pretrained layer 0, MoME = pretrained layer 1
+  cm = M.component_model(params, cfg)
+  params = randomize(params)
+  slot_of = lambda ids: {cm.names[c]: s for s, c in np.ndenumerate(np.asarray(ids))}
+  block_slot = slot_of(cm.leaf_ids["block"]["ln1"]["scale"])
+  domain_slot = slot_of(cm.leaf_ids["domain"]["q"]["in"]["a"])
+  expert_slot = slot_of(cm.leaf_ids["expert"]["in"]["a"])
+  combos = [(m, g) for m in MODALITIES for g in TASK_GROUPS]
+  n, length = len(combos), 4
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(n, length, cfg.width)), jnp.float32)
+  mask = jnp.asarray([[int(j <= i % length) for j in range(length)] for i in range(n)], jnp.int32)
+  dom = [DOMAINS[(3 * i + 1) % len(DOMAINS)] for i in range(n)]
+  ids = lambda xs, table: jnp.asarray([table.index(v) for v in xs], jnp.int32)
+  got = jax.jit(M._fuse, static_argnums=7)(
+    x,
+    mask,
+    ids([m for m, _ in combos], MODALITIES),
+    ids([g for _, g in combos], TASK_GROUPS),
+    ids(dom, DOMAINS),
+    params,
+    frozen,
+    cfg,
+    None,
+  )
+  layer = jax.jit(lambda *a: M._fusion_layer(*a, cfg, M._Keys(None)))
+  at = lambda tree, idx: jax.tree_util.tree_map(lambda a: a[idx], tree)
+  stage_base = [at(frozen["fusion"], j) for j in (0, 1)]
+  sp = params["shared_proj"]
+  for i, (m, g) in enumerate(combos):
+    pooled = []
+    for inp, *route in hand_paths(m, g, compat):
+      h = x[i : i + 1] @ sp["kernel"] + sp["bias"] if inp == "shared_proj" else x[i : i + 1]
+      for stage, (blk, exp) in enumerate((route[:2], route[2:])):
+        layer_0 = lambda tree, *slot: at(tree, tuple(slot) + (0,))
+        dq = layer_0(params["domain"]["q"], *domain_slot[f"{blk}/domain/{dom[i]}"])
+        dv = layer_0(params["domain"]["v"], *domain_slot[f"{blk}/domain/{dom[i]}"])
+        b, e = layer_0(params["block"], *block_slot[blk]), layer_0(params["expert"], *expert_slot[exp])
+        h = layer(h, mask[i : i + 1], b, dq, dv, e, stage_base[stage])
+      w = np.asarray(mask[i], np.float32) / float(mask[i].sum())
+      pooled.append((np.asarray(h[0]) * w[:, None]).sum(0))
+    np.testing.assert_allclose(got[i], np.mean(pooled, 0), rtol=1e-4, atol=1e-5, err_msg=f"{compat} {m} {g}")
 
 
 def test_usage_equals_gradient_support_per_task():
