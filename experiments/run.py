@@ -2,8 +2,8 @@
 
 An experiment is a sequence of stages, each resumable from a checkpoint:
 
-  tap            TAP stage 1, ``rounds`` rounds (then FedAvg's global model is evaluated)
   local          the Local-only baseline, ``rounds`` rounds (then evaluated)
+  tap            TAP stage 1, ``rounds`` rounds (then FedAvg's global model is evaluated)
   post           stage 2: post-training of every client's global slice (FedAvg + post-train)
   distill        stage 2: distillation into TAP's personal models
   distill_no_kd  stage 2: the same with lambda = 0 (TAP w/o KD)
@@ -222,7 +222,9 @@ def summarize(w, evals: dict) -> dict:
 
 # ----------------------------------------------------------------------------- resumable run
 
-STAGES = ("tap", "local", "post", "distill", "distill_no_kd", "done")
+# Local only runs first: its state is not needed afterwards (it is evaluated at once),
+# so every checkpoint of a round holds ONE federation state (benchmarks.run f).
+STAGES = ("local", "tap", "post", "distill", "distill_no_kd", "done")
 METHODS = ("local", "fedavg", "fedavg_post", "tap_no_kd", "tap")  # results.json order
 FORMAT = 1  # of the checkpoint metadata
 
@@ -235,8 +237,8 @@ class Stopped(Exception):
 class Progress:
   """Where a run is (JSON in every checkpoint's metadata)."""
 
-  stage: str = "tap"  # the stage in progress (one of STAGES)
-  round: int = 0  # rounds completed in "tap" / "local"
+  stage: str = "local"  # the stage in progress (one of STAGES)
+  round: int = 0  # rounds completed in "local" / "tap"
   step: int = 0  # the last checkpoint step written (0: none)
   history: list = dataclasses.field(default_factory=list)  # metrics.jsonl records so far
   evals: dict = dataclasses.field(default_factory=dict)  # method -> {metric: [clients][tasks]}
@@ -244,13 +246,13 @@ class Progress:
 
   def where(self, rounds: int) -> str:
     """What is done, in words (``rounds``: rounds per stage-1 stage)."""
-    if self.stage == "tap":
-      return f"TAP stage 1 round {self.round} of {rounds} done"
-    if self.stage == "local" and self.round:
+    if self.stage == "local":
       return f"Local only round {self.round} of {rounds} done"
+    if self.stage == "tap" and self.round:
+      return f"TAP stage 1 round {self.round} of {rounds} done"
     return {
-      "local": "TAP stage 1 done",
-      "post": "Local only done",
+      "tap": "Local only done",
+      "post": "TAP stage 1 done",
       "distill": "stage 2 post-training done",
       "distill_no_kd": "stage 2 distillation done",
       "done": "all done",
@@ -260,12 +262,13 @@ class Progress:
 class Experiment:
   """One experiment, from its config, optionally resumable through ``store``.
 
-  Checkpointed arrays, by stage: ``tap`` (TAP's :class:`tapjax.State`: server state,
-  every client's personal params, student losses, replacement counts; in every
-  stage), ``local`` (the Local-only State, during its rounds), ``teachers`` (stage 2's
-  post-trained global slices, ``[clients, ...]``). The metadata holds the
-  :class:`Progress`: stage, round, metrics history, the evaluations of methods
-  already final. The frozen backbone is never written (``build`` recreates it).
+  Checkpointed arrays, by stage: ``local`` (the Local-only :class:`tapjax.State`,
+  during its rounds), ``tap`` (TAP's State: server params and optimizer state, every
+  client's personal params, student losses, replacement counts; from its first round
+  on), ``teachers`` (stage 2's post-trained global slices, ``[clients, ...]``, after
+  post-training). The metadata holds the :class:`Progress`: stage, round, metrics
+  history, the evaluations of the methods already final. The frozen backbone is
+  never written (``build`` recreates it).
 
   Constructing it builds the world and (``resume``) restores the newest checkpoint (raising
   :class:`experiments.checkpoint.CheckpointError` if it cannot be used) before any
@@ -297,9 +300,11 @@ class Experiment:
     """Shapes and dtypes of the arrays a checkpoint at ``p`` holds."""
     n, params = self.w["fed"].num_clients, self.w["params"]
     state = jax.eval_shape(lambda x: self.algs["tap"].init(x, n), params)
-    out = {"tap": state}
+    out = {}
     if p.stage == "local" and p.round > 0:
       out["local"] = state
+    if p.stage != "local" and not (p.stage == "tap" and p.round == 0):
+      out["tap"] = state
     if p.stage in ("distill", "distill_no_kd"):
       out["teachers"] = jax.eval_shape(lambda x: tapjax.federation.stack(x, n), params)
     return out
@@ -360,16 +365,16 @@ class Experiment:
       for rec in p.history:
         log.write(json.dumps(rec) + "\n")
       log.flush()
+      if p.stage == "local":
+        self._rounds("local", log, stop)
+        self._evaluate("local", self.arrays.pop("local").personal)
+        p.stage, p.round = "tap", 0
+        self._checkpoint(stop, boundary=True)
       if p.stage == "tap":
         self._rounds("tap", log, stop)
         self._evaluate("fedavg", tapjax.federation.stack(tapjax.final_global(setup, self.arrays["tap"]), n))
-        p.stage, p.round = "local", 0
+        p.stage = "post"
         self._checkpoint(stop, boundary=True)
-    if p.stage == "local":
-      self._rounds("local", None, stop)
-      self._evaluate("local", self.arrays.pop("local").personal)
-      p.stage = "post"
-      self._checkpoint(stop, boundary=True)
     # Stage 2: post-training of every client's global slice ("FedAvg + post-train",
     # and TAP's KD teacher: TAP's global model IS FedAvg's, same keys), then
     # distillation into the personal models; TAP without KD is lambda = 0 through

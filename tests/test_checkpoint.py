@@ -31,7 +31,7 @@ def test_sigterm_then_kills_resume_to_the_uninterrupted_results(tmp_path):
 
   # 1. SIGTERM during TAP stage 1: the round in flight finishes, is saved, exit 143.
   proc, lines = tap_runs.start(wd), []
-  tap_runs.read_until(proc, "checkpoint step 1: TAP stage 1 round 1", lines)
+  tap_runs.read_until(proc, ": TAP stage 1 round 1 of", lines)  # after Local only
   sent = time.perf_counter()
   proc.send_signal(signal.SIGTERM)
   out = finish(proc, lines, timeout=120)

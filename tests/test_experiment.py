@@ -59,7 +59,7 @@ def test_checkpoints_kept_and_stage_boundaries_announced(workdir):
   wd, stdout = workdir
   steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir())
   assert len(steps) == 2 and not any("tmp" in p.name for p in (wd / "checkpoints").iterdir())
-  for where in ("TAP stage 1 done", "Local only done", "post-training done", "distillation done"):
+  for where in ("Local only done", "TAP stage 1 done", "post-training done", "distillation done"):
     assert where in stdout
 
 
