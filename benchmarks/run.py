@@ -1,6 +1,6 @@
 """tapjax's benchmark tables, each measured side by side in one process.
 
-  python -m benchmarks.run [--sections=a,b,c,d,e] [--compats=reference,paper] [--repeats=2]
+  python -m benchmarks.run [--sections=a,b,c,d,e,f] [--compats=reference,paper] [--repeats=2]
                            [--out=benchmarks/results/run.json]
 
 Sections (every time is a median of ``--repeats`` runs after a warm-up run):
@@ -20,6 +20,9 @@ c. Aggregation: the holder-masked weighted mean over a cohort of MiniLM-sized
 d. Compiled programs of a 20-round experiment: how many, and seconds each.
 e. Memory: bytes per additional client against the frozen backbone's bytes, and the
    largest federation whose client states fit in 16 GB and in 80 GB.
+f. Checkpoint cost at the default config: rounds of TAP (and of Local only, whose
+   checkpoints hold both states) with an asynchronous Orbax save after every round,
+   against the same number of rounds without, as a share of a round's time.
 
 Writes every row to ``--out`` as JSON and prints one table per section.
 """
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_list("sections", ["a", "b", "c", "d", "e"], "which tables to produce")
+flags.DEFINE_list("sections", ["a", "b", "c", "d", "e", "f"], "which tables to produce")
 flags.DEFINE_list("compats", ["reference"], "section a: compat modes to measure (reference, paper)")
 flags.DEFINE_integer("repeats", 2, "timed repeats per figure (after one warm-up)")
 flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "results" / "run.json"), "JSON output")
@@ -444,9 +447,108 @@ def section_e(repeats):
   return out
 
 
+# ----------------------------------------------------------------------------- f
+
+
+def section_f(repeats):
+  import tempfile
+
+  from absl import logging
+
+  import tapjax
+  from experiments import checkpoint, run
+
+  logging.set_verbosity(logging.ERROR)  # Orbax's per-save log lines
+  cfg = config()
+  w = run.build(cfg)
+  args = (w["frozen"], w["train"], w["hp"], w["root"])
+  n = w["fed"].num_clients
+  k = 3  # rounds per sequence
+  rows, out = [], []
+  with tempfile.TemporaryDirectory(prefix="tapjax-ckpt-bench-") as tmp:
+    for stage in ("local", "tap"):  # the experiment's order; a checkpoint holds that stage's state
+      alg = tapjax.local_only(w["setup"]) if stage == "local" else tapjax.tap(w["setup"])
+      round_fn = jax.jit(alg.round, donate_argnums=0)
+      start, _ = jax.block_until_ready(round_fn(alg.init(w["params"], n), *args))  # compile
+      store = checkpoint.Store(pathlib.Path(tmp) / stage, keep=2)
+
+      def rounds(save: bool):
+        """The same k rounds (same cohorts, same work) from ``start``, with or without saves."""
+        state = jax.tree_util.tree_map(jnp.copy, start)
+        blocked, t = 0.0, time.perf_counter()
+        for _ in range(k):
+          state, info = round_fn(state, *args)
+          jax.block_until_ready(info)
+          if save:
+            b = time.perf_counter()
+            store.save(store.latest_saved + 1, {stage: state}, {"round": int(state.round)})
+            blocked += time.perf_counter() - b
+        store.wait()
+        return time.perf_counter() - t, blocked, state
+
+      plain, saved, blocked = [], [], []
+      for _ in range(repeats):  # alternate, so that drifts in machine speed hit both alike
+        plain.append(rounds(save=False)[0])
+        t, b, state = rounds(save=True)
+        saved.append(t)
+        blocked.append(b)
+      t = time.perf_counter()  # one synchronous save: the whole write, nothing overlapping
+      store.save(store.latest_saved + 1, {stage: state}, {})
+      store.wait()
+      write_s = time.perf_counter() - t
+      store.close()
+      nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+      round_s = statistics.median(plain) / k
+      per_save = (statistics.median(saved) - statistics.median(plain)) / k
+      share = per_save / round_s
+      rows.append(
+        [
+          stage,
+          f"{nbytes / 2**20:.0f}",
+          f"{round_s:.2f}",
+          f"{statistics.median(blocked) / k:.3f}",
+          f"{write_s:.2f}",
+          f"{per_save:.2f}",
+          f"{share:.1%}",
+          f"{share / cfg.checkpoint_every:.1%}",
+        ]
+      )
+      out.append(
+        dict(
+          stage=stage,
+          checkpoint_bytes=nbytes,
+          rounds=k,
+          round_s=round_s,
+          plain_s=plain,
+          saved_s=saved,
+          save_blocking_s=statistics.median(blocked) / k,
+          sync_write_s=write_s,
+          added_per_save_s=per_save,
+          share_per_save=share,
+          share_per_round_at_default_interval=share / cfg.checkpoint_every,
+        )
+      )
+  table(
+    f"f. Checkpoint cost, default config ({k} rounds with an async save after each vs the same "
+    f"{k} rounds without; median of {repeats})",
+    [
+      "stage",
+      "checkpoint MiB",
+      "round s",
+      "save blocks s",
+      "sync write s",
+      "added per save s",
+      "per save / round",
+      f"per round (every {cfg.checkpoint_every})",
+    ],
+    rows,
+  )
+  return out
+
+
 def main(argv):
   del argv
-  fns = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e}
+  fns = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "f": section_f}
   results = {"date": time.strftime("%Y-%m-%d"), "devices": str(jax.devices()), "repeats": FLAGS.repeats}
   for s in FLAGS.sections:
     t = time.perf_counter()
