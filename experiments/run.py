@@ -277,11 +277,9 @@ class Experiment:
 
   def __init__(self, cfg, store=None, resume: bool = True):
     self.cfg, self.store = cfg, store
-    self.w = build(cfg)
-    self.algs = {"tap": tapjax.tap(self.w["setup"]), "local": tapjax.local_only(self.w["setup"])}
     self.progress, self.arrays, self.resumed_from = Progress(), {}, None
     step = store.latest() if store is not None and resume else None
-    if step is not None:
+    if step is not None:  # the metadata first: a damaged one fails before the build
       meta = store.meta(step)
       if meta.get("format") != FORMAT or meta.get("progress", {}).get("stage") not in STAGES:
         from experiments.checkpoint import CheckpointError
@@ -290,6 +288,9 @@ class Experiment:
           f"checkpoint {store.directory / str(step)} was not written by this version of the experiment "
           "(unknown metadata format); pass --overwrite to start the run again"
         )
+    self.w = build(cfg)
+    self.algs = {"tap": tapjax.tap(self.w["setup"]), "local": tapjax.local_only(self.w["setup"])}
+    if step is not None:
       progress = Progress(**meta["progress"])
       self.arrays = store.restore(step, self._template(progress))
       self.progress, self.resumed_from = progress, step
