@@ -130,7 +130,7 @@ def test_changed_config_on_an_existing_run_names_the_keys(tmp_path):
 
 # The checkpoint cases import jax and build the (tiny) model to know what the
 # checkpoint must hold, and fail before any training.
-CHECKPOINT_S = 60
+CHECKPOINT_S = 30
 
 
 def unfinished_copy(tmp_path) -> pathlib.Path:
