@@ -15,6 +15,7 @@ the first mismatching array; the run does not silently fall back to an older ste
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -58,6 +59,23 @@ def first_mismatch(saved: dict, wanted: dict) -> str | None:
   return None
 
 
+def _drop_closed_loop_callbacks():
+  """A failed Orbax restore leaves tensorstore callbacks that fire later on its closed
+  asyncio loop, each reported as an "unraisable" ``RuntimeError: Event loop is closed``
+  traceback from another thread. After a :class:`CheckpointError` (which says what went
+  wrong) they are noise: drop exactly those, from then on."""
+  default = sys.unraisablehook
+  if getattr(default, "drops_closed_loop", False):
+    return
+
+  def hook(u):
+    if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+      default(u)
+
+  hook.drops_closed_loop = True
+  sys.unraisablehook = hook
+
+
 def _on_device(x) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
@@ -88,6 +106,7 @@ class Store:
     return self._reader().latest_step()
 
   def _unreadable(self, step: int, e: Exception) -> CheckpointError:
+    _drop_closed_loop_callbacks()
     detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     return CheckpointError(
       f"checkpoint {self.directory / str(step)} cannot be read, it is corrupt or truncated "

@@ -2,8 +2,9 @@
 
 Every run of one pytest process uses ONE persistent XLA cache folder (with no
 minimum compile time), so each program compiles once per test session; the
-uninterrupted tiny run is computed once (:func:`baseline`) and is the reference of
-the resume tests and the source of the checkpoints the bad-input tests damage.
+uninterrupted tiny run is computed once (:func:`baseline`, started in the background
+by :func:`start_baseline`) and is the smoke test's subject, the reference of the
+resume tests and the source of the checkpoints the damaged-checkpoint tests break.
 """
 
 import atexit
@@ -25,6 +26,10 @@ TINY = (
   f"--config.rounds={ROUNDS}",
   "--config.checkpoint_every=1",
 )
+
+
+EXIT_USER_ERROR = 2  # experiments.validate.EXIT_USER_ERROR (a test checks they agree)
+FAST_S = 15  # generous: a refusal before jax takes well under a second alone
 
 
 @functools.cache
@@ -89,14 +94,30 @@ def read_until(proc: subprocess.Popen, needle: str, lines: list) -> str:
   )
 
 
-@functools.cache
-def baseline() -> tuple[pathlib.Path, str, float]:
-  """``(workdir, stdout, seconds)`` of the uninterrupted tiny run (once per session)."""
+_baseline: dict = {}
+
+
+def start_baseline():
+  """Start the uninterrupted tiny run in the background (once per session). The modules
+  that need it call this when pytest imports them, so the run (mostly compiling, into
+  the shared cache) overlaps the in-process tests; they are named to run late (pytest
+  runs modules in name order: ``test_resume``, ``test_run``)."""
+  if _baseline:
+    return
   wd = _session_dir() / "baseline"
-  t = time.perf_counter()
-  out = run(wd)
-  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-  return wd, out.stdout, time.perf_counter() - t
+  out, err = (open(_session_dir() / f"baseline.{k}", "w") for k in ("out", "err"))
+  proc = subprocess.Popen(command(wd), cwd=ROOT, stdout=out, stderr=err, text=True, env=env())
+  atexit.register(lambda: proc.poll() is None and proc.kill())
+  _baseline.update(workdir=wd, proc=proc)
+
+
+def baseline() -> tuple[pathlib.Path, str]:
+  """``(workdir, stdout)`` of the uninterrupted tiny run, waiting for it if needed."""
+  start_baseline()
+  rc = _baseline["proc"].wait(timeout=900)
+  read = lambda k: (_session_dir() / f"baseline.{k}").read_text()
+  assert rc == 0, read("out")[-2000:] + read("err")[-3000:]
+  return _baseline["workdir"], read("out")
 
 
 def results(workdir) -> dict:
@@ -113,3 +134,22 @@ def copy_of_baseline(dst: pathlib.Path) -> pathlib.Path:
 def snapshot(folder: pathlib.Path) -> dict:
   """``{relative path: bytes}`` of every file under ``folder``."""
   return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_refused(out, seconds, words, before, folder, limit=None):
+  """A bad-input refusal: exit 2, one ``error:`` message with ``words``, no traceback,
+  within ``limit`` seconds, ``folder``'s files as ``before``."""
+  limit = FAST_S if limit is None else limit
+  assert out.returncode == EXIT_USER_ERROR, (out.returncode, out.stderr[-2000:])
+  assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, out.stderr[-3000:]
+  assert out.stderr.startswith("error: "), out.stderr
+  for w in words:
+    assert w in out.stderr, (w, out.stderr)
+  assert seconds < limit, seconds
+  assert snapshot(folder) == before
+
+
+def timed_run(workdir, *extra, config=TINY):
+  t = time.perf_counter()
+  out = run(workdir, *extra, config=config, timeout=120)
+  return out, time.perf_counter() - t

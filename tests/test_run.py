@@ -10,12 +10,13 @@ import pytest
 
 import tap_runs
 
+tap_runs.start_baseline()  # compiles in the background while the in-process tests run
 METHODS = {"local", "fedavg", "fedavg_post", "tap_no_kd", "tap"}
 
 
 @pytest.fixture(scope="module")
 def workdir():
-  wd, stdout, _ = tap_runs.baseline()
+  wd, stdout = tap_runs.baseline()
   return wd, stdout
 
 

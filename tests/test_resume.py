@@ -1,13 +1,19 @@
 """Pre-emption and resume of ``experiments.tap``: SIGTERM in stage 1, then SIGKILL in
 stage 1 and in stage 2, each followed by a rerun of the same command; the final
-results equal the uninterrupted run's exactly."""
+results equal the uninterrupted run's exactly. And the workdirs a rerun must refuse:
+another config, a checkpoint that does not match the model, a damaged checkpoint."""
 
 import json
+import pathlib
 import re
 import signal
 import time
 
+import pytest
+
 import tap_runs
+
+tap_runs.start_baseline()  # compiles in the background while the in-process tests run
 
 LINE = re.compile(r"checkpoint step (\d+): (.*)")
 
@@ -25,7 +31,7 @@ def resumed_at(output: str) -> str:
 
 
 def test_sigterm_then_kills_resume_to_the_uninterrupted_results(tmp_path):
-  base_wd, _, _ = tap_runs.baseline()
+  base_wd, _ = tap_runs.baseline()
   wd = tmp_path / "wd"
   rounds = tap_runs.ROUNDS
 
@@ -73,3 +79,55 @@ def test_sigterm_then_kills_resume_to_the_uninterrupted_results(tmp_path):
   assert json.loads((wd / "config.json").read_text()) == json.loads((base_wd / "config.json").read_text())
   leftovers = [p.name for p in (wd / "checkpoints").iterdir() if "tmp" in p.name]
   assert not leftovers, leftovers
+
+
+def test_changed_config_on_an_existing_run_names_the_keys(tmp_path):
+  wd = tap_runs.copy_of_baseline(tmp_path / "wd")
+  before = tap_runs.snapshot(wd)
+  out, seconds = tap_runs.timed_run(wd, "--config.rounds=7", "--config.lr_peak=0.002")
+  tap_runs.assert_refused(
+    out, seconds, ["different config", "rounds (6 -> 7)", "lr_peak (0.001 -> 0.002)"], before, wd
+  )
+  assert "--config_changed_ok" in out.stderr and "--overwrite" in out.stderr
+
+
+# The checkpoint cases import jax and build the (tiny) model to know what the
+# checkpoint must hold, and fail before any training.
+CHECKPOINT_S = 30
+
+
+def unfinished_copy(tmp_path) -> pathlib.Path:
+  """The baseline's workdir without its results: a rerun restores the newest checkpoint."""
+  wd = tap_runs.copy_of_baseline(tmp_path / "wd")
+  (wd / "results.json").unlink()
+  return wd
+
+
+def newest_step(wd: pathlib.Path) -> pathlib.Path:
+  return max((p for p in (wd / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def test_checkpoint_that_does_not_match_the_model(tmp_path):
+  wd = unfinished_copy(tmp_path)
+  before = tap_runs.snapshot(wd)
+  out, seconds = tap_runs.timed_run(wd, "--config.lora_rank=4", "--config_changed_ok")
+  step = newest_step(wd)
+  words = [f"checkpoint {step} does not match the model", "in the checkpoint, the model needs", "--overwrite"]
+  tap_runs.assert_refused(out, seconds, words, before, wd, limit=CHECKPOINT_S)
+  first = out.stderr.split("does not match the model: ")[1].split(" has shape")[0]
+  assert first.startswith("tap/"), first  # names the array
+
+
+@pytest.mark.parametrize("damage", ["truncate_array", "truncate_metadata"])
+def test_corrupt_checkpoint(tmp_path, damage):
+  wd = unfinished_copy(tmp_path)
+  step = newest_step(wd)
+  if damage == "truncate_array":
+    victim = max((step / "state" / "d").iterdir(), key=lambda p: p.stat().st_size)
+  else:
+    victim = step / "meta" / "metadata"
+  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+  before = tap_runs.snapshot(wd)
+  out, seconds = tap_runs.timed_run(wd)
+  words = [f"checkpoint {step} cannot be read, it is corrupt or truncated", "Delete that folder"]
+  tap_runs.assert_refused(out, seconds, words, before, wd, limit=CHECKPOINT_S)
