@@ -5,6 +5,12 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# The suite's programs are small and run for milliseconds, so compiling dominates:
+# XLA's CPU backend at optimization level 0 compiles them about 2x faster. Every
+# comparison in the suite (oracle, resume vs uninterrupted) runs under the same flags;
+# the subprocess runs inherit them through the environment.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
