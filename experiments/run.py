@@ -335,7 +335,8 @@ class Experiment:
     """The remaining rounds of stage ``name`` ("tap" or "local")."""
     w, p, rounds = self.w, self.progress, self.cfg.rounds
     if name not in self.arrays:
-      self.arrays[name] = self.algs[name].init(w["params"], w["fed"].num_clients)
+      init = jax.jit(self.algs[name].init, static_argnums=1)  # one program, not one per leaf
+      self.arrays[name] = init(w["params"], w["fed"].num_clients)
     round_fn = jax.jit(self.algs[name].round, donate_argnums=0)
     cumulative = (
       dict(p.history[-1]["cumulative_replaced"]) if p.history else {k.name.lower(): 0 for k in TaskKind}

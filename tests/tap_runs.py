@@ -33,7 +33,7 @@ FAST_S = 15  # generous: a refusal before jax takes well under a second alone
 
 
 @functools.cache
-def _session_dir() -> pathlib.Path:
+def session_dir() -> pathlib.Path:
   path = pathlib.Path(tempfile.mkdtemp(prefix="tapjax-tests-"))
   atexit.register(shutil.rmtree, path, ignore_errors=True)
   return path
@@ -55,7 +55,7 @@ def command(workdir, *extra, config=TINY) -> list[str]:
     "experiments.tap",
     f"--workdir={workdir}",
     *config,
-    f"--config.compilation_cache={_session_dir() / 'xla'}",
+    f"--config.compilation_cache={session_dir() / 'xla'}",
     *extra,
   ]
 
@@ -72,8 +72,9 @@ def run(workdir, *extra, config=TINY, timeout=600) -> subprocess.CompletedProces
 
 
 def start(workdir, *extra) -> subprocess.Popen:
-  """A run whose stdout is read line by line (stderr merged into it)."""
-  return subprocess.Popen(
+  """A run whose stdout is read line by line (stderr merged into it); killed at exit
+  if still running (a background run outlives a test session cut short)."""
+  proc = subprocess.Popen(
     command(workdir, *extra),
     cwd=ROOT,
     stdout=subprocess.PIPE,
@@ -81,6 +82,8 @@ def start(workdir, *extra) -> subprocess.Popen:
     text=True,
     env=env(),
   )
+  atexit.register(lambda: proc.poll() is None and proc.kill())
+  return proc
 
 
 def read_until(proc: subprocess.Popen, needle: str, lines: list) -> str:
@@ -104,8 +107,8 @@ def start_baseline():
   runs modules in name order: ``test_resume``, ``test_run``)."""
   if _baseline:
     return
-  wd = _session_dir() / "baseline"
-  out, err = (open(_session_dir() / f"baseline.{k}", "w") for k in ("out", "err"))
+  wd = session_dir() / "baseline"
+  out, err = (open(session_dir() / f"baseline.{k}", "w") for k in ("out", "err"))
   proc = subprocess.Popen(command(wd), cwd=ROOT, stdout=out, stderr=err, text=True, env=env())
   atexit.register(lambda: proc.poll() is None and proc.kill())
   _baseline.update(workdir=wd, proc=proc)
@@ -115,7 +118,7 @@ def baseline() -> tuple[pathlib.Path, str]:
   """``(workdir, stdout)`` of the uninterrupted tiny run, waiting for it if needed."""
   start_baseline()
   rc = _baseline["proc"].wait(timeout=900)
-  read = lambda k: (_session_dir() / f"baseline.{k}").read_text()
+  read = lambda k: (session_dir() / f"baseline.{k}").read_text()
   assert rc == 0, read("out")[-2000:] + read("err")[-3000:]
   return _baseline["workdir"], read("out")
 

@@ -24,6 +24,7 @@ tasks and modalities, and an example only touches the components its task uses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -297,6 +298,7 @@ def _heads(key, cfg, kind: str, n: int):
   return head
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one program, not one per leaf shape
 def init_trainable(key: jax.Array, cfg: TapModelConfig) -> dict:
   """The trainable pytree (one client's, unstacked), about 70 leaves whatever the
   number of blocks, experts, domains and tasks:
@@ -395,7 +397,7 @@ def random_bert_params(key: jax.Array, backbone: BertConfig) -> dict:
   from tapjax.model.bert import BertEncoder
 
   ids = jnp.zeros((1, 4), jnp.int32)
-  return BertEncoder(backbone).init(key, ids)["params"]
+  return jax.jit(BertEncoder(backbone).init)(key, ids)["params"]  # one program
 
 
 # ----------------------------------------------------------------------------- forward

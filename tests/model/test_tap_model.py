@@ -81,7 +81,7 @@ def component_nonzero(tree, leaf_ids, num_components):
   out = np.zeros(num_components, bool)
   for i, g in zip(jax.tree_util.tree_leaves(leaf_ids), jax.tree_util.tree_leaves(tree)):
     ids = np.asarray(i)
-    per_slice = np.asarray(g != 0).reshape(ids.shape + (-1,)).any(-1)
+    per_slice = (np.asarray(g) != 0).reshape(ids.shape + (-1,)).any(-1)  # on the host: no eager op per leaf
     np.logical_or.at(out, ids.ravel(), per_slice.ravel())
   return out
 
