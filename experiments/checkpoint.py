@@ -14,8 +14,10 @@ the first mismatching array; the run does not silently fall back to an older ste
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import sys
+import threading
 from typing import Any
 
 import jax
@@ -59,21 +61,43 @@ def first_mismatch(saved: dict, wanted: dict) -> str | None:
   return None
 
 
-def _drop_closed_loop_callbacks():
-  """A failed Orbax restore leaves tensorstore callbacks that fire later on its closed
-  asyncio loop, each reported as an "unraisable" ``RuntimeError: Event loop is closed``
-  traceback from another thread. After a :class:`CheckpointError` (which says what went
-  wrong) they are noise: drop exactly those, from then on."""
-  default = sys.unraisablehook
-  if getattr(default, "drops_closed_loop", False):
-    return
+class _MainThreadStderr:
+  """``sys.stderr`` that passes the main thread's writes and drops other threads'."""
 
-  def hook(u):
-    if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
-      default(u)
+  def __init__(self, stream):
+    self.stream = stream
 
-  hook.drops_closed_loop = True
-  sys.unraisablehook = hook
+  def write(self, text):
+    if threading.current_thread() is threading.main_thread():
+      return self.stream.write(text)
+    return len(text)
+
+  def __getattr__(self, name):
+    return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _reading():
+  """Around an Orbax read. A failed read leaves tensorstore callbacks that fire on its
+  closed asyncio loop from other threads, sometimes before the exception reaches us,
+  each printing a ``RuntimeError: Event loop is closed`` traceback. After a failed read
+  the run stops with a :class:`CheckpointError` that says what went wrong, so from the
+  read on, other threads' stderr output is dropped (and so are those unraisable
+  errors); a read that succeeds changes nothing."""
+  before = sys.stderr
+  sys.stderr = _MainThreadStderr(before)
+  try:
+    yield
+  except Exception:
+    default = sys.unraisablehook
+
+    def hook(u):
+      if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+        default(u)
+
+    sys.unraisablehook = hook
+    raise
+  sys.stderr = before
 
 
 def _on_device(x) -> jax.ShapeDtypeStruct:
@@ -106,7 +130,6 @@ class Store:
     return self._reader().latest_step()
 
   def _unreadable(self, step: int, e: Exception) -> CheckpointError:
-    _drop_closed_loop_callbacks()
     detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     return CheckpointError(
       f"checkpoint {self.directory / str(step)} cannot be read, it is corrupt or truncated "
@@ -116,7 +139,8 @@ class Store:
 
   def meta(self, step: int) -> dict:
     try:
-      return self._reader().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      with _reading():
+        return self._reader().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # anything Orbax, tensorstore or json raise on a damaged file
       raise self._unreadable(step, e) from None
 
@@ -127,7 +151,8 @@ class Store:
       return template  # a step with metadata only
     reader = self._reader()
     try:
-      saved = reader.item_metadata(step)["state"]
+      with _reading():
+        saved = reader.item_metadata(step)["state"]
     except Exception as e:
       raise self._unreadable(step, e) from None
     if saved is None:
@@ -142,7 +167,8 @@ class Store:
     target = jax.tree_util.tree_map(_on_device, template)
     restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
     try:
-      restored = reader.restore(step, args=ocp.args.Composite(state=restore)).state
+      with _reading():
+        restored = reader.restore(step, args=ocp.args.Composite(state=restore)).state
     except Exception as e:
       raise self._unreadable(step, e) from None
     # Uncommitted copies, like the arrays an uninterrupted run passes from one jitted

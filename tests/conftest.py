@@ -33,3 +33,17 @@ def pytest_sessionfinish(session, exitstatus):
         f"CI=true: {len(skipped)} skipped test(s) fail the run:\n" + "\n".join(lines), red=True
       )
     session.exitstatus = 1
+
+
+def pytest_configure(config):
+  """One persistent XLA cache per test session, with no minimum compile time: tests that
+  build the same toy program (same HLO, other Python closures) compile it once."""
+  import tempfile
+
+  import jax
+
+  folder = tempfile.mkdtemp(prefix="tapjax-xla-")
+  config.add_cleanup(lambda: __import__("shutil").rmtree(folder, ignore_errors=True))
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
