@@ -19,6 +19,7 @@ EXIT_USER_ERROR = 2
 # Choices of the string keys (tests check them against the library's own tuples:
 # tapjax.model.tap.COMPATS, DROPOUT_RNGS, tapjax.sharding.STRATEGIES, sizes.SIZES).
 CHOICES = {
+  "federation": ("embedded", "paper_flava", "paper_vilt"),
   "compat": ("paper", "reference"),
   "client_map": ("vmap", "map", "shard"),
   "dropout_rng": ("hash", "jax"),
@@ -26,6 +27,7 @@ CHOICES = {
 }
 BACKBONE_SIZES = ("tiny", "minilm", "flava", "ref_flava_tiny", "vilt")
 CLIENTS_PER_GROUP = 10  # the embedded federation: 10 client patterns per group
+PAPER_CLIENTS = 30  # the paper federations: 3 groups x 10 patterns
 
 # Integer keys and their smallest valid value.
 AT_LEAST = {
@@ -45,6 +47,7 @@ AT_LEAST = {
   "text_len": 2,
   "target_len": 2,
   "map_batch": 0,
+  "max_train_per_client": 0,
   "checkpoint_every": 1,
   "keep_checkpoints": 1,
 }
@@ -112,7 +115,13 @@ def config_problems(cfg) -> list[str]:
     if v is not None and v not in choices:
       out.append(f"--config.{key}={v!r} is unknown; choose one of {', '.join(choices)}")
   groups, cohort = get("num_groups"), get("cohort_size")
-  if _is_int(groups) and groups >= 1 and _is_int(cohort):
+  paper = get("federation", "embedded") in ("paper_flava", "paper_vilt")
+  if paper and _is_int(cohort) and cohort > PAPER_CLIENTS:
+    out.append(
+      f"--config.cohort_size={cohort} is larger than the federation ({PAPER_CLIENTS} clients of "
+      f"--config.federation={get('federation')}); lower cohort_size"
+    )
+  if not paper and _is_int(groups) and groups >= 1 and _is_int(cohort):
     clients = CLIENTS_PER_GROUP * groups
     if cohort > clients:
       out.append(

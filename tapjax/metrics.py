@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,8 @@ def evaluate(
   num_tasks: int,
   batch_size: int,
   client_map: ClientMap = ClientMap(),
-) -> tuple[dict, jax.Array]:
+  predict: Callable[[PyTree, dict], PyTree] | None = None,
+) -> tuple:
   """Per-client, per-task means of ``objective.metrics`` on every valid example.
 
   Args:
@@ -46,10 +47,14 @@ def evaluate(
     data: dict of ``[clients, examples, ...]`` arrays with ``"task"``.
     num_examples: ``[clients]`` valid examples per client.
     batch_size: examples per evaluation step (static).
+    predict: optional ``(outputs, batch) -> pytree of [batch, ...]`` per-example
+      predictions (e.g. decoded token ids) returned alongside the means, from the
+      same forward pass, for metrics computed on the host (METEOR, BERTScore).
 
   Returns:
     ``({name: [clients, tasks]}, counts [clients, tasks])``; NaN where a client has
-    no example of a task.
+    no example of a task. With ``predict``, a third element: its pytree with leaves
+    ``[clients, examples, ...]`` (rows past a client's ``num_examples`` are padding).
   """
   capacity = jax.tree_util.tree_leaves(data)[0].shape[1]
   num_batches = -(-capacity // batch_size)
@@ -62,18 +67,24 @@ def evaluate(
 
     def body(acc, xs):
       batch, v = xs
-      vals = objective.metrics(objective.apply(p, frozen, batch, None), batch)
+      out = objective.apply(p, frozen, batch, None)
+      vals = objective.metrics(out, batch)
       sums = {k: per_task_sums(x, batch["task"], v, num_tasks)[0] for k, x in vals.items()}
       count = per_task_sums(jnp.ones_like(v, jnp.float32), batch["task"], v, num_tasks)[1]
-      return jax.tree_util.tree_map(jnp.add, acc, (sums, count)), None
+      return jax.tree_util.tree_map(jnp.add, acc, (sums, count)), None if predict is None else predict(
+        out, batch
+      )
 
     shapes = jax.eval_shape(
       lambda b: objective.metrics(objective.apply(p, frozen, b, None), b),
       jax.tree_util.tree_map(lambda x: x[0], d),
     )
     zero = ({k: jnp.zeros(num_tasks) for k in shapes}, jnp.zeros(num_tasks))
-    (sums, count), _ = jax.lax.scan(body, zero, (d, valid))
+    (sums, count), preds = jax.lax.scan(body, zero, (d, valid))
     means = {k: jnp.where(count > 0, s / jnp.maximum(count, 1), jnp.nan) for k, s in sums.items()}
-    return means, count
+    if predict is None:
+      return means, count
+    flat = lambda x: x.reshape((num_batches * batch_size,) + x.shape[2:])[:capacity]
+    return means, count, jax.tree_util.tree_map(flat, preds)
 
   return client_map(one_client)(params, data, num_examples)

@@ -190,3 +190,26 @@ def test_evaluate_per_client_and_task(world):
   logits = toy.apply(world["params"], world["frozen"], ex, None)
   hit = np.asarray(jnp.argmax(logits, -1) == ex["label"])[np.asarray(ex["task"]) == 0]
   np.testing.assert_allclose(acc[2, 0], hit.mean(), rtol=1e-6)
+
+
+def test_evaluate_returns_per_example_predictions(world):
+  """``predict`` rides the same forward pass: ``[clients, examples]`` rows equal the
+  model's predictions on each client's examples in order (batch 16 pads 40 -> 48 rows)."""
+  stacked = federation.stack(world["params"], len(toy.CLIENT_TASKS))
+  data = world["data"]
+  means, counts, preds = tapjax.metrics.evaluate(
+    toy.OBJECTIVE,
+    stacked,
+    world["frozen"],
+    data.examples,
+    data.num_examples,
+    toy.T,
+    batch_size=16,
+    predict=lambda out, batch: {"argmax": jnp.argmax(out, -1)},
+  )
+  capacity = data.examples["task"].shape[1]
+  assert preds["argmax"].shape == (len(toy.CLIENT_TASKS), capacity)
+  for c in (0, 2):
+    ex = {k: v[c] for k, v in data.examples.items()}
+    want = np.asarray(jnp.argmax(toy.apply(world["params"], world["frozen"], ex, None), -1))
+    np.testing.assert_array_equal(np.asarray(preds["argmax"][c]), want)

@@ -13,7 +13,13 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # one root key; everything else is fold_in of it
-  # --- data: the embedded federation (tapjax.data.make_embedded_federation)
+  # --- data: "embedded" (tapjax.data.make_embedded_federation, no download) or the
+  # paper's 30-client federations on TFDS data: "paper_flava" / "paper_vilt"
+  # (experiments/configs/paper_*.py; prepare the datasets first, see the README)
+  c.federation = "embedded"
+  c.data_dir = ""  # TFDS data folder of the paper federations ("" = TFDS's default)
+  c.max_train_per_client = 0  # paper federations: cap a client's train rows (0 = all, as the paper)
+  # --- the embedded federation's shape
   c.num_groups = 1  # x 10 client patterns
   c.examples_per_task = 96  # train examples per (client, task)
   c.test_examples_per_task = 32
