@@ -805,6 +805,14 @@ class TapModel:
       tok_acc = jnp.sum(hit * m, -1) / jnp.maximum(m.sum(-1), 1)
     return {"accuracy": acc, "mse": mse, "token_accuracy": tok_acc, "token_ce": tok_ce}
 
+  def predict(self, out, batch):
+    """Per-example predictions for metrics computed on the host (METEOR, BERTScore):
+    ``{"answer": int32 [batch, La]}``, the argmax answer-vocabulary index per target
+    position (zeros when the model has no text-generation head)."""
+    if "token_logits" not in out:
+      return {"answer": jnp.zeros((batch["task"].shape[0], self.cfg.target_len), jnp.int32)}
+    return {"answer": jnp.argmax(out["token_logits"], -1).astype(jnp.int32)}
+
   def objective(self) -> Objective:
     return Objective(self.apply, self.loss, self.divergence, self.metrics)
 
