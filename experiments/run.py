@@ -29,7 +29,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import tapjax
-from tapjax.data import make_embedded_federation
+import tapjax.eval as tapjax_eval
+from experiments import text_metrics
+from experiments.validate import UserError
+from tapjax.data import load_tokenizer, make_embedded_federation
 from tapjax.data.tasks import TaskKind
 from tapjax.model import tap as tap_model
 from tapjax.model.sizes import SIZES
@@ -59,6 +62,7 @@ def fed_arrays(split: dict, answer_vocab: np.ndarray, text_len: int) -> dict:
 def build(cfg):
   """Federation, model, params and the core's Setup from a config."""
   root = jax.random.key(cfg.seed)
+  tokenizer = load_tokenizer()
   fed = make_embedded_federation(
     seed=cfg.seed,
     num_groups=cfg.num_groups,
@@ -67,6 +71,7 @@ def build(cfg):
     image_size=cfg.image_size,
     text_len=cfg.text_len,
     target_len=cfg.target_len,
+    tokenizer=tokenizer,
   )
   # Positions that are padding in every example are never computed (paper mode); the
   # reference's mode keeps its fixed padded length, whose pads it pools over.
@@ -143,6 +148,8 @@ def build(cfg):
     hp=hp,
     train=train,
     test=test,
+    tokenizer=tokenizer,
+    bertscore=_bertscorer(cfg.get("bertscore", "")),
   )
 
 
@@ -165,6 +172,14 @@ def rejections(info) -> list[dict]:
   return out
 
 
+def replaced_pairs(info, fed) -> list[list[str]]:
+  """``[client name, task name]`` of every replacement this round: any grouping (e.g. the
+  reference's per-dataset types) can be tallied from these afterwards."""
+  rows, tasks = np.nonzero(np.asarray(info.replaced))
+  clients = np.asarray(info.clients)[rows]
+  return [[fed.client_names[int(c)], fed.tasks[int(t)].name] for c, t in zip(clients, tasks)]
+
+
 def round_record(info, round_: int, fed, cumulative: dict) -> dict:
   """One line of ``metrics.jsonl`` (``cumulative`` replacement counts are updated in place)."""
   counts = _kind_counts(info.replaced, fed)
@@ -180,23 +195,53 @@ def round_record(info, round_: int, fed, cumulative: dict) -> dict:
     "personal_loss": mean(info.personal_loss),
     "replaced": counts,
     "cumulative_replaced": dict(cumulative),
+    "replaced_pairs": replaced_pairs(info, fed),
     "rejected": rejections(info),
   }
 
 
 def evaluate(w, stacked, cfg):
-  """Per-client, per-task metrics of ``stacked [clients, ...]`` params on the test split
-  (one compiled program, reused for every method)."""
+  """Per-client, per-task metrics ``{name: [clients, tasks]}`` of ``stacked [clients, ...]``
+  params on the test split (one compiled program, reused for every method), plus METEOR
+  and (``cfg.bertscore`` set) BERTScore-F1 of the decoded text answers, on the host."""
   if "eval_fn" not in w:
     objective, frozen, client_map = w["setup"].objective, w["frozen"], w["setup"].client_map
-    num_tasks = len(w["fed"].tasks)
+    num_tasks, predict = len(w["fed"].tasks), w["model"].predict
     w["eval_fn"] = jax.jit(
       lambda p, test, n: tapjax.metrics.evaluate(
-        objective, p, frozen, test, n, num_tasks, cfg.eval_batch, client_map
-      )[0]
+        objective, p, frozen, test, n, num_tasks, cfg.eval_batch, client_map, predict=predict
+      )
     )
   test, n_test = w["test"]
-  return {k: np.asarray(v) for k, v in w["eval_fn"](stacked, test, n_test).items()}
+  means, _, preds = w["eval_fn"](stacked, test, n_test)
+  out = {k: np.asarray(v) for k, v in means.items()}
+  fed = w["fed"]
+  pairs = text_metrics.text_pairs(fed, np.asarray(preds["answer"]), w["tokenizer"])
+  scorers = {"meteor": tapjax_eval.meteor_batch}
+  if w["bertscore"] is not None:
+    scorers["bertscore_f1"] = w["bertscore"].score
+  for name, fn in scorers.items():
+    out[name] = np.full((fed.num_clients, len(fed.tasks)), np.nan)
+    for (c, t), v in text_metrics.scores(pairs, fn).items():
+      out[name][c, t] = v
+  return out
+
+
+HOST_TEXT_METRICS = ("meteor", "bertscore_f1")
+
+
+def _bertscorer(name: str):
+  """The BERTScore model, loaded before any training so a missing checkpoint fails at
+  once: ``""`` none, ``"minilm"`` the offline MiniLM weights, else a local checkpoint
+  folder or a hub name found in the local hub cache."""
+  if not name:
+    return None
+  from tapjax.model import hf
+
+  try:
+    return tapjax_eval.BertScorer(hf.minilm_path() if name == "minilm" else name)
+  except FileNotFoundError as e:
+    raise UserError(f"--config.bertscore={name!r}: {e}") from None
 
 
 def summarize(w, evals: dict) -> dict:
@@ -207,6 +252,8 @@ def summarize(w, evals: dict) -> dict:
     clients, means = {}, {}
     for t, task in enumerate(fed.tasks):
       names = tap_model.KIND_METRICS[task.kind]
+      if task.kind == TaskKind.TEXT_GENERATION:  # the host metrics this run computed
+        names += tuple(m for m in HOST_TEXT_METRICS if m in ev)
       holders = np.flatnonzero(fed.client_tasks[:, t])
       for c in holders:
         vals = {}
@@ -417,6 +464,11 @@ class Experiment:
         "cumulative_by_kind": [h["cumulative_replaced"] for h in p.history],
       },
       "components": list(self.w["cm"].names),
+      # how the host text metrics were computed (scores under other settings do not compare)
+      "text_metrics": {
+        "meteor": tapjax_eval.matching_mode(),
+        "bertscore": None if self.w["bertscore"] is None else self.w["bertscore"].description,
+      },
       "wall_seconds": p.wall_seconds,
     }
 

@@ -127,6 +127,8 @@ def experiment(cfg, workdir: pathlib.Path):
   os.replace(workdir / "metrics.jsonl.tmp", workdir / "metrics.jsonl")
   write_atomic(workdir / "results.json", json.dumps(results, indent=1, allow_nan=True))
   print(report.table(results))
+  tm = results["text_metrics"]
+  print(f"METEOR matching: {tm['meteor']}; BERTScore: {tm['bertscore'] or 'off (--config.bertscore)'}")
   if cfg.plots:
     for p in report.plots(results, history, workdir):
       print("wrote", p)

@@ -35,6 +35,11 @@ def test_writes_metrics_results_and_plots(workdir):
   }
   # the first visit always replaces: round 1 fired for every task of both clients
   assert sum(json.loads(lines[0])["replaced"].values()) >= 2
+  # replaced_pairs names exactly the replacements the per-kind counts add up
+  for line in map(json.loads, lines):
+    assert len(line["replaced_pairs"]) == sum(line["replaced"].values())
+    named = {c for c, _ in line["replaced_pairs"]}
+    assert named <= {f"g0p{c}" for c in line["clients"]}, (named, line["clients"])
   results = json.loads((wd / "results.json").read_text())
   assert set(results["methods"]) == METHODS
   kinds = {t["name"]: t["kind"] for t in results["tasks"]}
@@ -42,7 +47,7 @@ def test_writes_metrics_results_and_plots(workdir):
     "image_classification": {"accuracy"},
     "text_classification": {"accuracy"},
     "image_generation": {"mse"},
-    "text_generation": {"token_accuracy", "token_ce", "perplexity"},
+    "text_generation": {"token_accuracy", "token_ce", "perplexity", "meteor"},  # BERTScore: off
   }
   for method in results["methods"].values():
     assert len(method["clients"]) == 10
@@ -54,6 +59,10 @@ def test_writes_metrics_results_and_plots(workdir):
   for png in ("task_metrics.png", "replacements.png"):
     assert (wd / png).stat().st_size > 10_000
   assert "per-task mean over clients" in stdout and "TAP w/o KD" in stdout
+  from tapjax.eval import matching_mode  # "exact+stem", or "+wordnet" where NLTK's data is
+
+  assert results["text_metrics"] == {"meteor": matching_mode(), "bertscore": None}
+  assert f"METEOR matching: {matching_mode()};" in stdout
 
 
 def test_checkpoints_kept_and_stage_boundaries_announced(workdir):

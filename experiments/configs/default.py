@@ -63,6 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # see benchmarks.run section b for vmap vs map on this machine
   c.map_batch = 0  # clients per lax.map step (0 = one at a time)
   c.eval_batch = 32
+  # BERTScore-F1 of the text answers ("" = off; "minilm" = the offline MiniLM; else a
+  # local checkpoint folder or a hub name in the local cache, e.g. bert-base-uncased).
+  # METEOR (exact + stem matching, + WordNet synonyms when NLTK's data is present) always runs.
+  c.bertscore = ""
   c.plots = True
   c.compilation_cache = "~/.cache/tapjax/xla"  # persistent XLA cache ("" = off): reruns skip compiling
   # --- checkpoints (<workdir>/checkpoints; a rerun of the same command resumes)

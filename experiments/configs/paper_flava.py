@@ -44,5 +44,6 @@ def get_config(arg=None):
   c.post_lr = 1e-4
   c.kd_weight, c.kd_weight_text_cls = 2e-3, 1.0
   c.eval_batch = 64
+  c.bertscore = "google-bert/bert-base-uncased"  # the paper's BERTScore model (download it first)
   c.checkpoint_every = 10
   return c
