@@ -195,6 +195,9 @@ def round_record(info, round_: int, fed, cumulative: dict) -> dict:
     "personal_loss": mean(info.personal_loss),
     "replaced": counts,
     "cumulative_replaced": dict(cumulative),
+    "replaced_by_task": {
+      task.name: int(np.asarray(info.replaced)[:, t].sum()) for t, task in enumerate(fed.tasks)
+    },
     "replaced_pairs": replaced_pairs(info, fed),
     "rejected": rejections(info),
   }
