@@ -26,6 +26,9 @@ CHOICES = {
   "head_style": ("vilt", "flava"),
 }
 BACKBONE_SIZES = ("tiny", "minilm", "flava", "ref_flava_tiny", "vilt")
+# Pretrained layers of each named size: MoTE layer i copies layer i, MoME layer i copies
+# layer num_layers + i, so num_layers may be at most half of these.
+BACKBONE_LAYERS = {"tiny": 2, "minilm": 6, "flava": 12, "ref_flava_tiny": 2, "vilt": 12}
 CLIENTS_PER_GROUP = 10  # the embedded federation: 10 client patterns per group
 PAPER_CLIENTS = 30  # the paper federations: 3 groups x 10 patterns
 
@@ -132,6 +135,13 @@ def config_problems(cfg) -> list[str]:
   if _is_int(size) and _is_int(patch) and patch >= 1 and size >= 8 and (size % patch or size % 8):
     out.append(f"--config.image_size={size} must be a multiple of 8 and of patch_size={patch}")
   out += _backbone_problems(get("backbone"))
+  depth, layers = BACKBONE_LAYERS.get(get("backbone")), get("num_layers")
+  if depth is not None and _is_int(layers) and layers >= 1 and 2 * layers > depth:
+    out.append(
+      f"--config.num_layers={layers} needs {2 * layers} pretrained layers (MoTE layer i, MoME layer "
+      f"num_layers + i); --config.backbone={get('backbone')} has {depth}: lower num_layers to "
+      f"{depth // 2} or use a deeper backbone"
+    )
   return out
 
 

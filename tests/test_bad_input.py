@@ -33,6 +33,8 @@ CONFIG_CASES = [
   ("backbone_name", ["--config.backbone=tinyy"], ["--config.backbone='tinyy'", "not a known size"]),
   ("backbone_path", ["--config.backbone=/no/such/bert"], ["/no/such/bert", "no such folder"]),
   ("checkpoint_every", ["--config.checkpoint_every=0"], ["--config.checkpoint_every=0"]),
+  ("federation", ["--config.federation=paper"], ["--config.federation='paper'", "paper_flava, paper_vilt"]),
+  ("depth", ["--config.num_layers=2"], ["--config.num_layers=2 needs 4 pretrained layers", "has 2"]),
 ]
 
 
@@ -111,6 +113,7 @@ def test_choices_match_the_library():
   assert validate.CHOICES["dropout_rng"] == tap.DROPOUT_RNGS
   assert validate.CHOICES["client_map"] == sharding.STRATEGIES
   assert set(validate.BACKBONE_SIZES) == set(sizes.SIZES)
+  assert validate.BACKBONE_LAYERS == {k: b.num_layers for k, (b, _) in sizes.SIZES.items()}
   assert tap_runs.EXIT_USER_ERROR == validate.EXIT_USER_ERROR
 
 
