@@ -1,15 +1,27 @@
-"""Federated data for tapjax: task tables and the embedded default federation.
+"""Federated data for tapjax: task tables, the assembly, the embedded and the paper federations.
 
-Only numpy, scikit-learn (the digits) and a ``transformers`` tokenizer are
-needed here; nothing is downloaded.
+* :func:`make_embedded_federation`: the embedded default (procedural data +
+  scikit-learn digits, nothing downloaded).
+* :func:`make_paper_federation`: the paper's 30 clients on the real datasets
+  (prepared TFDS datasets, :mod:`tapjax.data.sources`). Imported on first use,
+  so that ``import tapjax.data`` does not import ``tensorflow_datasets``.
+* :func:`assemble`: per-client :class:`Records` -> :class:`Federation`, for
+  any other source.
+
+The embedded path needs only numpy, scikit-learn and a ``transformers``
+tokenizer.
 """
 
-from tapjax.data.embedded import (
+from tapjax.data.assemble import (
   CIFAR100_MEAN,
   CIFAR100_STD,
-  make_embedded_federation,
+  ClientData,
+  Shard,
+  assemble,
   normalize_images,
 )
+from tapjax.data.embedded import make_embedded_federation
+from tapjax.data.records import Records
 from tapjax.data.tasks import (
   DOMAINS,
   EXAMPLE_FIELDS,
@@ -34,15 +46,30 @@ __all__ = [
   "PATTERNS",
   "TASK_GROUPS",
   "TASKS",
+  "ClientData",
   "Federation",
   "Holding",
+  "Records",
+  "Shard",
   "TaskKind",
   "TaskSpec",
+  "assemble",
   "default_tokenizer_path",
   "encode",
   "encode_targets",
   "load_tokenizer",
   "make_embedded_federation",
+  "make_paper_federation",
   "normalize_images",
   "task_index",
 ]
+
+_LAZY = {"make_paper_federation": "tapjax.data.paper"}
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'tapjax.data' has no attribute {name!r}")

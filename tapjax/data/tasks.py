@@ -190,6 +190,11 @@ class Federation:
     target_len: ``La``.
     client_group: int32 ``[clients]``, the data group of each client.
     client_pattern: int32 ``[clients]``, the pattern (0..9) of each client.
+    weights: int32 ``[clients]``, each client's aggregation weight: its real
+    number of training examples (the reference's weight). Equal to
+    ``n_train`` unless the rows were capped (e.g. ``max_train_per_client``
+    of :func:`tapjax.data.paper.make_paper_federation`); defaults to
+    ``n_train``.
 
   An image-generation example's target is its own ``image``; its ``target``
   field is zeros.
@@ -209,6 +214,15 @@ class Federation:
   target_len: int
   client_group: np.ndarray
   client_pattern: np.ndarray
+  weights: np.ndarray | None = None
+
+  def __post_init__(self):
+    if self.weights is None:
+      self.weights = np.array(self.n_train, np.int32)
+    elif np.shape(self.weights) != np.shape(self.n_train):
+      raise ValueError(
+        f"Federation: weights has shape {np.shape(self.weights)}, expected [clients] = {np.shape(self.n_train)}"
+      )
 
   @property
   def num_clients(self) -> int:

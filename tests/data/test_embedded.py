@@ -24,7 +24,7 @@ from tapjax.data import (
   make_embedded_federation,
   task_index,
 )
-from tapjax.data import embedded
+from tapjax.data.embedded import digits, text
 
 EXPECTED_PATTERNS = (
   {"digits_cls"},
@@ -254,7 +254,7 @@ def test_two_groups_are_disjoint(tok):
 
 
 def test_digits_are_split_between_groups_and_tasks():
-  blocks = embedded._digits_parts(np.random.default_rng(0), 3, 2, 1797)
+  blocks = digits.partition(np.random.default_rng(0), 3, 2, 1797)
   ids = np.concatenate([b for group in blocks for b in group])
   assert len(ids) == 1797 and len(np.unique(ids)) == 1797
   assert [len(b) for b in blocks[0]] == [300, 299]
@@ -290,4 +290,4 @@ def test_clear_errors(tmp_path, tok):
   with pytest.raises(ValueError, match="image_size"):
     make_embedded_federation(image_size=4, tokenizer=tok)
   with pytest.raises(ValueError, match="concept_gen: could draw only"):
-    embedded._concept_gen(np.random.default_rng(0), 3000, 32)  # the template space is ~2700
+    text.concept_gen(np.random.default_rng(0), 3000, 32)  # the template space is ~2700
