@@ -2,6 +2,7 @@
 
   python -m experiments.tap --workdir=runs/demo [--config=experiments/configs/default.py]
          [--config.rounds=20 ...] [--overwrite] [--config_changed_ok]
+  python -m experiments.tap --config=experiments/configs/paper_flava.py --dry_run
 
 Runs from one seed: TAP stage 1 (FedAvg on the global model + replacement into
 personal models) for ``rounds`` rounds, the Local-only baseline on the same client
@@ -48,6 +49,12 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Output folder (created; a run there is resumed, see --overwrite).")
 flags.DEFINE_bool("overwrite", False, "Start again: delete the results and checkpoints in --workdir.")
 flags.DEFINE_bool(
+  "dry_run",
+  False,
+  "Print the federation (clients x tasks x modalities x domains x example counts) and each "
+  "client's trainable parameter count, then exit; needs no data, weights or --workdir; writes nothing.",
+)
+flags.DEFINE_bool(
   "config_changed_ok", False, "Resume a run in --workdir although its config differs from this one."
 )
 
@@ -82,6 +89,11 @@ def clear_outputs(workdir: pathlib.Path):
 
 def experiment(cfg, workdir: pathlib.Path):
   validate.check_config(cfg)
+  if FLAGS.dry_run:
+    from experiments import dry_run
+
+    print(dry_run.describe(cfg))
+    return 0
   workdir = validate.check_workdir(str(workdir) if workdir else None)
   cfg_json = cfg.to_json(indent=2)
   action = validate.workdir_action(workdir, cfg_json, FLAGS.overwrite, FLAGS.config_changed_ok)
