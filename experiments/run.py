@@ -59,20 +59,55 @@ def fed_arrays(split: dict, answer_vocab: np.ndarray, text_len: int) -> dict:
   return out
 
 
+PAPER_BACKBONES = {"paper_flava": "flava", "paper_vilt": "vilt"}  # federation -> layout
+
+
+def federation(cfg, tokenizer):
+  """The config's federation: the embedded one, or a paper layout on prepared TFDS data."""
+  if cfg.federation == "embedded":
+    return make_embedded_federation(
+      seed=cfg.seed,
+      num_groups=cfg.num_groups,
+      examples_per_task=cfg.examples_per_task,
+      test_examples_per_task=cfg.test_examples_per_task,
+      image_size=cfg.image_size,
+      text_len=cfg.text_len,
+      target_len=cfg.target_len,
+      tokenizer=tokenizer,
+    )
+  from tapjax.data import make_paper_federation
+
+  return make_paper_federation(
+    PAPER_BACKBONES[cfg.federation],
+    seed=cfg.seed,
+    data_dir=cfg.data_dir or None,
+    tokenizer=tokenizer,
+    text_len=cfg.text_len,
+    target_len=cfg.target_len,
+    image_size=cfg.image_size,
+    max_train_per_client=cfg.max_train_per_client or None,
+  )
+
+
+def require_data(cfg):
+  """Before anything heavy: a paper federation's datasets are prepared (else a UserError
+  naming the first missing one and the command that prepares it)."""
+  if cfg.federation == "embedded":
+    return
+  from tapjax.data import paper, sources
+
+  try:
+    sources.require_prepared(paper.paper_datasets(PAPER_BACKBONES[cfg.federation]), cfg.data_dir or None)
+  except sources.DatasetNotPreparedError as e:
+    raise UserError(str(e)) from None
+
+
 def build(cfg):
   """Federation, model, params and the core's Setup from a config."""
   root = jax.random.key(cfg.seed)
+  bertscore = _bertscorer(cfg.get("bertscore", ""))  # before the data: a missing model fails at once
   tokenizer = load_tokenizer()
-  fed = make_embedded_federation(
-    seed=cfg.seed,
-    num_groups=cfg.num_groups,
-    examples_per_task=cfg.examples_per_task,
-    test_examples_per_task=cfg.test_examples_per_task,
-    image_size=cfg.image_size,
-    text_len=cfg.text_len,
-    target_len=cfg.target_len,
-    tokenizer=tokenizer,
-  )
+  fed = federation(cfg, tokenizer)
   # Positions that are padding in every example are never computed (paper mode); the
   # reference's mode keeps its fixed padded length, whose pads it pools over.
   text_len = cfg.text_len
@@ -149,7 +184,7 @@ def build(cfg):
     train=train,
     test=test,
     tokenizer=tokenizer,
-    bertscore=_bertscorer(cfg.get("bertscore", "")),
+    bertscore=bertscore,
   )
 
 

@@ -113,6 +113,7 @@ def experiment(cfg, workdir: pathlib.Path):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
   from experiments import checkpoint, report, run
 
+  run.require_data(cfg)  # a paper federation's datasets, before the model or the data load
   store = checkpoint.Store(workdir / validate.CHECKPOINTS, keep=cfg.keep_checkpoints)
   exp = run.Experiment(cfg, store, resume=action == "resume")  # reads checkpoints; writes nothing
   # Every check passed: from here on the workdir changes.

@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -123,3 +124,22 @@ def test_validation_does_not_import_jax():
     [sys.executable, "-c", code], cwd=tap_runs.ROOT, capture_output=True, text=True, check=True
   )
   assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("config,first", [("paper_flava", "tiny_imagenet"), ("paper_vilt", "fashion_mnist")])
+def test_paper_federation_without_prepared_data(tmp_path, config, first):
+  """Names the first missing dataset and the command that prepares it, in seconds."""
+  wd = earlier_run(tmp_path / "wd")
+  before = tap_runs.snapshot(wd)
+  t = time.perf_counter()
+  out = subprocess.run(
+    [sys.executable, "-m", "experiments.tap", f"--workdir={wd}", f"--config=experiments/configs/{config}.py"],
+    cwd=tap_runs.ROOT,
+    capture_output=True,
+    text=True,
+    env={**tap_runs.env(), "TFDS_DATA_DIR": str(tmp_path / "no_data")},
+    timeout=60,
+  )
+  words = [f"Dataset '{first}'", "is not prepared", f"python -m tapjax.data.sources.prepare {first}"]
+  tap_runs.assert_refused(out, time.perf_counter() - t, words, before, wd, limit=5)
+  assert not (tmp_path / "no_data").exists()
