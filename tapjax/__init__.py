@@ -6,9 +6,29 @@ The Flax model, data and checkpoint loading live in ``tapjax.model`` and
 ``tapjax.data`` and are imported only when asked for.
 """
 
-from tapjax import aggregate, components, distill, federation, local, metrics, personalize, rng, sharding
+from tapjax import (
+  aggregate,
+  components,
+  disentangle,
+  distill,
+  federation,
+  local,
+  metrics,
+  personalize,
+  rng,
+  sharding,
+)
 from tapjax.aggregate import Aggregate, ServerState, masked_mean, server_init, server_update
 from tapjax.components import Rule, assign_components, assign_named, holders, leaf_mask, usage_matrix
+from tapjax.disentangle import (
+  Latents,
+  OrthoFrozen,
+  disentafl,
+  disentafl_post_train,
+  disentafl_setup,
+  disentangled,
+  orthogonality,
+)
 from tapjax.distill import distill_loss, kd_divergence, kd_loss
 from tapjax.federation import (
   Algorithm,

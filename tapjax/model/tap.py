@@ -34,6 +34,7 @@ import numpy as np
 
 from tapjax import components
 from tapjax.data.tasks import MODALITIES, TASK_GROUPS, TaskKind, TaskSpec
+from tapjax.disentangle import Latents
 from tapjax.distill import kd_divergence
 from tapjax.model.bert import BertConfig, attend
 from tapjax.objective import Objective
@@ -44,6 +45,12 @@ DROPOUT_RNGS = ("hash", "jax")  # hash_keep_mask (fast on CPU) or jax.random.ber
 SHARED = "shared"
 MOTE_KEYS = MODALITIES + (SHARED,)  # MoTE blocks: one per modality + shared
 MOME_KEYS = TASK_GROUPS + (SHARED,)  # MoME blocks: one per task group + shared
+# DisentAFL's latent groups: one per (input modality, task group), numbered in the
+# reference's order (it sorts its (modality, task) keys before pairing them).
+LATENT_GROUPS: tuple[tuple[str, str], ...] = tuple(sorted((m, g) for m in MODALITIES for g in TASK_GROUPS))
+_LATENT_GROUP_OF = np.array(
+  [[LATENT_GROUPS.index((m, g)) for g in TASK_GROUPS] for m in MODALITIES], np.int32
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +152,9 @@ def _paths(cfg: TapModelConfig, modality: str, group: str):
   if not cfg.reference:  # quirk 1: dead in the reference
     paths.append((SHARED, SHARED, (SHARED, SHARED), SHARED, (SHARED, SHARED)))
   return paths
+
+
+MODALITY_TASK_PATH = 1  # index in _paths of modality -> task, whose MoTE output DisentAFL reads
 
 
 # Stacked slots. Every MoTE and MoME block is one slot of the ``block`` leaves
@@ -528,9 +538,19 @@ def _path_tables(cfg: TapModelConfig):
   return shared_in, blk, exp
 
 
-def _fuse(x, mask, modality, group, domain, params, frozen, cfg, key):
+def _masked_mean(h, mask):
+  """``h [rows, len, E]`` mean-pooled over the real tokens of ``mask [rows, len]``: ``[rows, E]``."""
+  w = mask.astype(h.dtype)[..., None] / jnp.maximum(mask.sum(-1), 1)[:, None, None]
+  return jnp.sum(h * w, axis=1)
+
+
+def _fuse(x, mask, modality, group, domain, params, frozen, cfg, key, with_latent=False):
   """``[batch, E]``: the mean over the fusion paths of mean-pooled block outputs of
-  one token stream per example.
+  one token stream per example; with ``with_latent``, ``([batch, E], latent [batch, E])``
+  where ``latent`` is the modality -> task path's MoTE block output (after its
+  ``num_layers`` MoTE layers, before any MoME layer), mean-pooled over the real
+  tokens like the fused outputs (DisentAFL's latent). Without it the program is
+  unchanged.
 
   The paths run as one ``[paths * batch]`` batch of rows and the MoTE and MoME
   layers as one ``lax.scan`` over the ``2 * num_layers`` fusion layers, so the
@@ -563,12 +583,18 @@ def _fuse(x, mask, modality, group, domain, params, frozen, cfg, key):
     dom = take(params["domain"], bi, d_r)
     exp_p = take(params["expert"], ei)
     keys = _Keys(None if key is None else jax.random.fold_in(key, j), cfg.dropout_rng)
-    return _fusion_layer(h, mask_r, blk_p, dom["q"], dom["v"], exp_p, base, cfg, keys), None
+    h = _fusion_layer(h, mask_r, blk_p, dom["q"], dom["v"], exp_p, base, cfg, keys)
+    if not with_latent:
+      return h, None
+    rows_mt = slice(MODALITY_TASK_PATH * b, (MODALITY_TASK_PATH + 1) * b)
+    return h, _masked_mean(h[rows_mt], mask)  # [batch, E] after fusion layer j
 
-  h, _ = jax.lax.scan(layer, h, (frozen["fusion"], jnp.arange(2 * n_l)), unroll=True)
-  pool_w = mask_r.astype(h.dtype)[..., None] / jnp.maximum(mask_r.sum(-1), 1)[:, None, None]
-  pooled = jnp.sum(h * pool_w, axis=1)  # [rows, E]
-  return pooled.reshape(n_p, b, -1).mean(0)
+  h, per_layer = jax.lax.scan(layer, h, (frozen["fusion"], jnp.arange(2 * n_l)), unroll=True)
+  pooled = _masked_mean(h, mask_r)  # [rows, E]
+  z = pooled.reshape(n_p, b, -1).mean(0)
+  if not with_latent:
+    return z
+  return z, per_layer[n_l - 1]  # the last MoTE layer's output
 
 
 def encode_image(p, images, cfg):
@@ -667,6 +693,11 @@ class TapModel:
     """Whether some task reads two modalities per example (then a second token stream exists)."""
     return any(len(t.modalities) > 1 for t in self.cfg.tasks)
 
+  @property
+  def num_latent_groups(self) -> int:
+    """Number of DisentAFL latent groups (:data:`LATENT_GROUPS`, one per (modality, task group))."""
+    return len(LATENT_GROUPS)
+
   def apply(self, params, frozen, batch, key=None):
     """Outputs for a mixed batch.
 
@@ -685,6 +716,23 @@ class TapModel:
       "token_logits": [batch, La, answer_vocab]}`` (arbitrary where the task has no such
       head; the losses pick by task kind).
     """
+    return self._forward(params, frozen, batch, key, with_latents=False)
+
+  def apply_with_latents(self, params, frozen, batch, key=None):
+    """``(outputs, latents)``: :meth:`apply`'s outputs (same key, same values) and the
+    DisentAFL latents of every token stream that ran.
+
+    Returns:
+      ``latents``: a :class:`tapjax.disentangle.Latents` over ``[streams * batch]`` rows
+      (stream-major: every example's first stream, then, for a multi-modal model, every
+      example's text stream): ``values [rows, E]`` the modality -> task path's MoTE output
+      mean-pooled over the stream's real tokens, ``group [rows]`` the row's index in
+      :data:`LATENT_GROUPS` (its stream's modality and its task's group), ``valid
+      [rows]`` whether the stream exists (the second stream only for two-modality examples).
+    """
+    return self._forward(params, frozen, batch, key, with_latents=True)
+
+  def _forward(self, params, frozen, batch, key, with_latents):
     cfg = self.cfg
     keys = _Keys(key, cfg.dropout_rng)
     cls, img, txt, head_of, num_classes, kind, group_of = self._tables()
@@ -701,25 +749,35 @@ class TapModel:
     image_mask = jnp.broadcast_to((jnp.arange(length) < n_image).astype(text_mask.dtype), (b, length))
     has_image, has_text = batch["has_image"], batch["has_text"]
     first = has_image[:, None]
-    z = _fuse(
+    first_modality = jnp.where(has_image, 0, 1).astype(jnp.int32)  # index in MODALITIES
+    fused = _fuse(
       jnp.where(first[..., None], image, text),
       jnp.where(first, image_mask, text_mask),
-      jnp.where(has_image, 0, 1).astype(jnp.int32),
+      first_modality,
       group,
       domain,
       params,
       frozen,
       cfg,
       keys(),
-    )  # [batch, E]
+      with_latents,
+    )  # [batch, E], or with_latents ([batch, E], the stream's latent [batch, E])
+    z, first_latent = fused if with_latents else (fused, None)
+    lat, lat_modality, lat_valid = [first_latent], [first_modality], [jnp.ones((b,), bool)]
     if self.multimodal:
       both = has_image & has_text
       k2 = keys()
+      text_modality = jnp.ones((b,), jnp.int32)
       second = jax.lax.cond(
         jnp.any(both),
-        lambda: _fuse(text, text_mask, jnp.ones((b,), jnp.int32), group, domain, params, frozen, cfg, k2),
-        lambda: jnp.zeros_like(z),
+        lambda: _fuse(text, text_mask, text_modality, group, domain, params, frozen, cfg, k2, with_latents),
+        lambda: (jnp.zeros_like(z), jnp.zeros_like(z)) if with_latents else jnp.zeros_like(z),
       )
+      if with_latents:
+        second, second_latent = second
+        lat.append(second_latent)
+        lat_modality.append(text_modality)
+        lat_valid.append(both)
       z = jnp.where(both[:, None], 0.5 * (z + second), z)
     out = {}
     heads = params["head"]
@@ -736,7 +794,10 @@ class TapModel:
       out["token_logits"] = sel(
         _stacked_heads(lambda h, z_, k: _text_head(h, z_, cfg, k), heads["text"], z, keys(), cfg.dropout_rng)
       )
-    return out
+    if not with_latents:
+      return out
+    lat_group = [jnp.asarray(_LATENT_GROUP_OF)[m, group] for m in lat_modality]
+    return out, Latents(jnp.concatenate(lat), jnp.concatenate(lat_group), jnp.concatenate(lat_valid))
 
   def _per_kind(self, batch, cls_val, img_val, txt_val):
     kind = jnp.asarray(self._tables()[5])[batch["task"]]
