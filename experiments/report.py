@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import pathlib
 
-METHODS = ("local", "fedavg", "fedavg_post", "tap_no_kd", "tap")
+METHODS = (
+  "local",
+  "fedavg",
+  "fedavg_post",
+  "fedavg_post2x",
+  "disentafl",
+  "disentafl_post",
+  "tap_no_kd",
+  "tap",
+)
 LABELS = {
   "local": "Local",
   "fedavg": "FedAvg",
   "fedavg_post": "FedAvg+post",
+  "fedavg_post2x": "FedAvg+2xpost",
+  "disentafl": "DisentAFL",
+  "disentafl_post": "Disent+post",
   "tap_no_kd": "TAP w/o KD",
   "tap": "TAP",
 }

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 import tapjax
 import tapjax.eval as tapjax_eval
-from experiments import text_metrics
+from experiments import report, text_metrics
 from experiments.validate import UserError
 from tapjax.data import load_tokenizer, make_embedded_federation
 from tapjax.data.tasks import TaskKind
@@ -102,12 +102,12 @@ def require_data(cfg):
     raise UserError(str(e)) from None
 
 
-def build(cfg):
-  """Federation, model, params and the core's Setup from a config."""
+def build(cfg, fed=None):
+  """Federation (``fed``, else the config's), model, params and the core's Setup from a config."""
   root = jax.random.key(cfg.seed)
   bertscore = _bertscorer(cfg.get("bertscore", ""))  # before the data: a missing model fails at once
   tokenizer = load_tokenizer()
-  fed = federation(cfg, tokenizer)
+  fed = federation(cfg, tokenizer) if fed is None else fed
   # Positions that are padding in every example are never computed (paper mode); the
   # reference's mode keeps its fixed padded length, whose pads it pools over.
   text_len = cfg.text_len
@@ -168,7 +168,10 @@ def build(cfg):
     post_lr=cfg.post_lr,
   )
   train = tapjax.FedData(
-    fed_arrays(fed.train, fed.answer_vocab, text_len), jnp.asarray(fed.n_train), jnp.asarray(fed.client_tasks)
+    fed_arrays(fed.train, fed.answer_vocab, text_len),
+    jnp.asarray(fed.n_train),
+    jnp.asarray(fed.client_tasks),
+    jnp.asarray(fed.weights),  # the real train rows (== n_train unless max_train_per_client caps them)
   )
   test = (fed_arrays(fed.test, fed.answer_vocab, text_len), jnp.asarray(fed.n_test))
   return dict(
@@ -309,8 +312,9 @@ def summarize(w, evals: dict) -> dict:
 
 # Local only runs first: its state is not needed afterwards (it is evaluated at once),
 # so every checkpoint of a round holds ONE federation state (benchmarks.run f).
-STAGES = ("local", "tap", "post", "distill", "distill_no_kd", "done")
-METHODS = ("local", "fedavg", "fedavg_post", "tap_no_kd", "tap")  # results.json order
+# DisentAFL (config ``disentafl``) runs between them, its own FedAvg-like stage 1.
+STAGES = ("local", "disentafl", "tap", "post", "distill", "distill_no_kd", "done")
+METHODS = report.METHODS  # results.json order (the optional ones only when run)
 FORMAT = 1  # of the checkpoint metadata
 
 
@@ -329,14 +333,18 @@ class Progress:
   evals: dict = dataclasses.field(default_factory=dict)  # method -> {metric: [clients][tasks]}
   wall_seconds: float = 0.0  # over every process of the run, up to the last save
 
-  def where(self, rounds: int) -> str:
-    """What is done, in words (``rounds``: rounds per stage-1 stage)."""
+  def where(self, rounds: int, disentafl: bool = False) -> str:
+    """What is done, in words (``rounds``: rounds per stage-1 stage; ``disentafl``: the
+    DisentAFL stage runs)."""
     if self.stage == "local":
       return f"Local only round {self.round} of {rounds} done"
+    if self.stage == "disentafl" and self.round:
+      return f"DisentAFL round {self.round} of {rounds} done"
     if self.stage == "tap" and self.round:
       return f"TAP stage 1 round {self.round} of {rounds} done"
     return {
-      "tap": "Local only done",
+      "disentafl": "Local only done",
+      "tap": "DisentAFL done" if disentafl else "Local only done",
       "post": "TAP stage 1 done",
       "distill": "stage 2 post-training done",
       "distill_no_kd": "stage 2 distillation done",
@@ -374,7 +382,14 @@ class Experiment:
           "(unknown metadata format); pass --overwrite to start the run again"
         )
     self.w = build(cfg)
-    self.algs = {"tap": tapjax.tap(self.w["setup"]), "local": tapjax.local_only(self.w["setup"])}
+    setup, model = self.w["setup"], self.w["model"]
+    self.algs = {"tap": tapjax.tap(setup), "local": tapjax.local_only(setup)}
+    self.frozen = {"tap": self.w["frozen"], "local": self.w["frozen"]}
+    if cfg.get("disentafl", False):
+      # FedAvg with the orthogonality loss (weight 0.5, an array: no recompiles).
+      self.disentafl_setup = tapjax.disentafl_setup(setup, model.apply_with_latents, model.num_latent_groups)
+      self.algs["disentafl"] = tapjax.fedavg(self.disentafl_setup)
+      self.frozen["disentafl"] = tapjax.OrthoFrozen.create(self.w["frozen"], cfg.disentafl_weight)
     if step is not None:
       progress = Progress(**meta["progress"])
       self.arrays = store.restore(step, self._template(progress))
@@ -389,7 +404,9 @@ class Experiment:
     out = {}
     if p.stage == "local" and p.round > 0:
       out["local"] = state
-    if p.stage != "local" and not (p.stage == "tap" and p.round == 0):
+    if p.stage == "disentafl" and p.round > 0:
+      out["disentafl"] = jax.eval_shape(lambda x: self.algs["disentafl"].init(x, n), params)
+    if (p.stage == "tap" and p.round > 0) or p.stage in ("post", "distill", "distill_no_kd", "done"):
       out["tap"] = state
     if p.stage in ("distill", "distill_no_kd"):
       out["teachers"] = jax.eval_shape(lambda x: tapjax.federation.stack(x, n), params)
@@ -405,11 +422,15 @@ class Experiment:
       meta = dataclasses.asdict(p)
       meta["wall_seconds"] = p.wall_seconds + time.time() - self._t0
       self.store.save(p.step, self.arrays, {"format": FORMAT, "progress": meta})
-      print(f"checkpoint step {p.step}: {p.where(self.cfg.rounds)}", flush=True)
+      print(f"checkpoint step {p.step}: {self.where()}", flush=True)
     if stopping:
       if self.store is not None:
         self.store.wait()
-      raise Stopped(p.where(self.cfg.rounds))
+      raise Stopped(self.where())
+
+  def where(self) -> str:
+    """What is done, in words."""
+    return self.progress.where(self.cfg.rounds, "disentafl" in self.algs)
 
   def _evaluate(self, method: str, stacked):
     self.progress.evals[method] = {k: v.tolist() for k, v in evaluate(self.w, stacked, self.cfg).items()}
@@ -417,7 +438,7 @@ class Experiment:
   # --------------------------------------------------------------------------- stages
 
   def _rounds(self, name: str, log, stop):
-    """The remaining rounds of stage ``name`` ("tap" or "local")."""
+    """The remaining rounds of stage ``name`` ("local", "disentafl" or "tap")."""
     w, p, rounds = self.w, self.progress, self.cfg.rounds
     if name not in self.arrays:
       init = jax.jit(self.algs[name].init, static_argnums=1)  # one program, not one per leaf
@@ -426,9 +447,9 @@ class Experiment:
     cumulative = (
       dict(p.history[-1]["cumulative_replaced"]) if p.history else {k.name.lower(): 0 for k in TaskKind}
     )
-    desc = "TAP stage 1" if name == "tap" else "Local only"
+    desc = {"tap": "TAP stage 1", "local": "Local only", "disentafl": "DisentAFL"}[name]
     for r in tqdm(range(p.round, rounds), desc=desc, unit="round", initial=p.round, total=rounds):
-      self.arrays[name], info = round_fn(self.arrays[name], w["frozen"], w["train"], w["hp"], w["root"])
+      self.arrays[name], info = round_fn(self.arrays[name], self.frozen[name], w["train"], w["hp"], w["root"])
       jax.block_until_ready(info)  # honest progress bars
       p.round = r + 1
       rejected = rejections(info)
@@ -455,6 +476,12 @@ class Experiment:
       if p.stage == "local":
         self._rounds("local", log, stop)
         self._evaluate("local", self.arrays.pop("local").personal)
+        p.stage, p.round = "disentafl", 0
+        if "disentafl" in self.algs:
+          self._checkpoint(stop, boundary=True)
+      if p.stage == "disentafl":
+        if "disentafl" in self.algs:
+          self._disentafl(log, stop)
         p.stage, p.round = "tap", 0
         self._checkpoint(stop, boundary=True)
       if p.stage == "tap":
@@ -473,6 +500,11 @@ class Experiment:
       teachers = jax.jit(tapjax.post_train(setup))(final_global, w["frozen"], w["train"], hp, w["root"])
       self.arrays["teachers"] = jax.block_until_ready(teachers)
       self._evaluate("fedavg_post", teachers)
+      if self.cfg.get("fedavg_post2x", False):  # the ablation: twice the post-training budget
+        post = self.w["setup"].post
+        twice = dataclasses.replace(setup, post=dataclasses.replace(post, steps=2 * post.steps))
+        longer = jax.jit(tapjax.post_train(twice))(final_global, w["frozen"], w["train"], hp, w["root"])
+        self._evaluate("fedavg_post2x", longer)
       p.stage = "distill"
       self._checkpoint(stop, boundary=True)
     if p.stage == "distill":
@@ -490,9 +522,19 @@ class Experiment:
     p.wall_seconds += time.time() - self._t0
     return self._results(), p.history
 
+  def _disentafl(self, log, stop):
+    """DisentAFL's rounds, then its final global model evaluated ("disentafl") and
+    post-trained per client with the same loss ("disentafl_post", as the reference)."""
+    w, setup, n = self.w, self.w["setup"], self.w["fed"].num_clients
+    self._rounds("disentafl", log, stop)
+    final = tapjax.final_global(setup, self.arrays.pop("disentafl"))
+    self._evaluate("disentafl", tapjax.federation.stack(final, n))
+    post = jax.jit(tapjax.post_train(self.disentafl_setup))
+    self._evaluate("disentafl_post", post(final, self.frozen["disentafl"], w["train"], w["hp"], w["root"]))
+
   def _results(self) -> dict:
     fed, p = self.w["fed"], self.progress
-    evals = {m: {k: np.asarray(v) for k, v in p.evals[m].items()} for m in METHODS}
+    evals = {m: {k: np.asarray(v) for k, v in p.evals[m].items()} for m in METHODS if m in p.evals}
     return {
       "methods": summarize(self.w, evals),
       "tasks": [{"name": t.name, "kind": t.kind.name.lower(), "group": t.group} for t in fed.tasks],

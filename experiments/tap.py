@@ -121,7 +121,7 @@ def experiment(cfg, workdir: pathlib.Path):
     clear_outputs(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if exp.resumed_from is not None:
-    print(f"resumed from {store.directory} step {exp.resumed_from}: {exp.progress.where(cfg.rounds)}")
+    print(f"resumed from {store.directory} step {exp.resumed_from}: {exp.where()}")
   elif action == "resume":
     print(f"no complete checkpoint in {store.directory}; starting from the beginning")
   if (workdir / "config.json").exists() and FLAGS.config_changed_ok:

@@ -64,6 +64,7 @@ NON_NEGATIVE = (
   "warmup_rounds",
   "kd_weight",
   "kd_weight_text_cls",
+  "disentafl_weight",
   "lora_dropout",
   "head_dropout",
 )

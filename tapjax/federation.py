@@ -136,8 +136,11 @@ class FedData(NamedTuple):
   """Every client's training data, padded to a common capacity."""
 
   examples: dict  # {field: [clients, examples, ...]} with "task" [clients, examples]
-  num_examples: jax.Array  # [clients] valid examples (also the aggregation weights)
+  num_examples: jax.Array  # [clients] valid examples (also the aggregation weights by default)
   client_tasks: jax.Array  # [clients, tasks] bool
+  # [clients] aggregation weights when they are not the stored examples (a client's rows
+  # capped on a small machine keep their real dataset size as weight); None = num_examples
+  weights: jax.Array | None = None
 
 
 class State(NamedTuple):
@@ -281,6 +284,7 @@ class _Cohort(NamedTuple):
   tasks: jax.Array  # [cohort, tasks] bool
   held: jax.Array  # [cohort, components] bool
   lr: jax.Array  # scalar, this round's local learning rate
+  weights: jax.Array  # [cohort] aggregation weights
 
 
 def client_holders(setup: Setup, data: FedData) -> jax.Array:
@@ -298,6 +302,7 @@ def _cohort(setup: Setup, state: State, data: FedData, hp: HParams, root: jax.Ar
     jnp.asarray(data.client_tasks, bool)[ids],
     client_holders(setup, data)[ids],
     lr,
+    (data.num_examples if data.weights is None else data.weights)[ids],
   )
 
 
@@ -359,7 +364,7 @@ def _aggregate(
   its rows are zeroed so that a NaN cannot leak through a zero weight)."""
   trained = _keep_rows(ok, trained, jax.tree_util.tree_map(jnp.zeros_like, trained))
   held = c.held & ok[:, None]
-  agg = aggregate.masked_mean(trained, held, c.num_examples, setup.leaf_ids, state.server.params)
+  agg = aggregate.masked_mean(trained, held, c.weights, setup.leaf_ids, state.server.params)
   return aggregate.server_update(state.server, agg, setup.leaf_ids, setup.server_optimizer)
 
 

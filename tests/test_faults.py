@@ -178,7 +178,7 @@ def test_reason_bits():
   """The verdict alone (no training): a non-finite parameter with finite losses is its own
   reason; a NaN loss of a task the client does not hold does not count."""
   tasks = jnp.array([[True, False], [True, True], [False, True]])
-  cohort = federation._Cohort(jnp.arange(3), {}, jnp.ones(3), tasks, jnp.ones((3, 1), bool), 0.0)
+  cohort = federation._Cohort(jnp.arange(3), {}, jnp.ones(3), tasks, jnp.ones((3, 1), bool), 0.0, jnp.ones(3))
   # client 0: NaN only on a task it lacks (ok); 1: an infinite parameter; 2: NaN on its task
   loss = jnp.array([[0.5, jnp.nan], [0.5, 0.7], [jnp.inf, jnp.nan]])
   params = {"w": jnp.ones((3, 4)).at[1, 2].set(jnp.inf), "b": jnp.zeros((3,))}

@@ -213,3 +213,21 @@ def test_evaluate_returns_per_example_predictions(world):
     ex = {k: v[c] for k, v in data.examples.items()}
     want = np.asarray(jnp.argmax(toy.apply(world["params"], world["frozen"], ex, None), -1))
     np.testing.assert_array_equal(np.asarray(preds["argmax"][c]), want)
+
+
+def test_aggregation_weights_default_to_num_examples(world):
+  """``FedData.weights`` (a capped client's real size) replaces ``num_examples`` as the
+  aggregation weight only: equal to it gives the same round bit for bit; other weights
+  move the global model, not the training."""
+  data = world["data"]
+  alg = tapjax.fedavg(world["setup"])
+  base, info = run(alg, world, rounds=1)
+  same, _ = run(alg, world, rounds=1, data=data._replace(weights=data.num_examples))
+  assert_tree_close(base.server.params, same.server.params, tol=0)
+  skew = data.num_examples.at[info[0].clients[0]].multiply(50)
+  other, info2 = run(alg, world, rounds=1, data=data._replace(weights=skew))
+  np.testing.assert_array_equal(np.asarray(info[0].global_loss), np.asarray(info2[0].global_loss))
+  diff = jax.tree_util.tree_map(
+    lambda a, b: float(jnp.abs(a - b).max()), base.server.params, other.server.params
+  )
+  assert max(jax.tree_util.tree_leaves(diff)) > 1e-4

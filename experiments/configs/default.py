@@ -52,6 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup_rounds = 3  # reference: 20
   c.margin = 0.01  # reference: 0.01 FLAVA / 0.02 ViLT
   c.small_margin = 0.005  # image generation and text classification (reference: 0.005 / 0.01)
+  # --- baselines beyond Local only, FedAvg, FedAvg + post-train and TAP without KD
+  c.disentafl = False  # DisentAFL and DisentAFL + post-train (a second stage 1: off in the demo)
+  c.disentafl_weight = 0.5  # its orthogonality loss weight (reference 0.5)
+  c.fedavg_post2x = False  # the ablation "FedAvg with twice the post-training budget"
   # --- stage 2 (post-FL fine-tuning and distillation)
   c.post_steps = 4  # reference: 50 micro-batches = 13 steps of 4
   c.post_lr = 3e-4  # reference: 1e-4

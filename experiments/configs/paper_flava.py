@@ -43,6 +43,8 @@ def get_config(arg=None):
   c.post_steps = 13  # 50 micro-batches of 32 = 13 steps of 4 (the last one partial in the reference)
   c.post_lr = 1e-4
   c.kd_weight, c.kd_weight_text_cls = 2e-3, 1.0
+  c.disentafl = True  # every method of the paper's tables in one run
+  c.fedavg_post2x = True
   c.eval_batch = 64
   c.bertscore = "google-bert/bert-base-uncased"  # the paper's BERTScore model (download it first)
   c.checkpoint_every = 10

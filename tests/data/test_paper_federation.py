@@ -345,3 +345,47 @@ def test_missing_data_fails_fast_before_loading_anything(backbone, first, tmp_pa
   with pytest.raises(DatasetNotPreparedError, match="'mmlu_moral'") as err:
     make_paper_federation(backbone, seed=0, data_dir=tmp_path, text_len=LT, target_len=LA)
   assert err.value.command.startswith("python -m tapjax.data.sources.prepare mmlu_moral")
+
+
+# --------------------------------------------------------------------------- one round on it
+
+
+def test_one_round_of_tap_and_of_disentafl_on_the_paper_federation(built):
+  """The experiment's world (``experiments.run.build``: tiny backbone, the paper federation
+  as given) trains: one TAP round and one DisentAFL round, finite, the global model moves,
+  TAP replaces every task its cohort trained (a first visit always copies)."""
+  import jax
+  import jax.numpy as jnp
+
+  import tapjax
+  from experiments import run
+  from experiments.configs import tiny
+
+  fed, _ = built["flava"]
+  cfg = tiny.get_config()
+  cfg.federation, cfg.image_size, cfg.text_len, cfg.target_len = "paper_flava", S, LT, LA
+  w = run.build(cfg, fed=fed)
+  assert np.array_equal(np.asarray(w["train"].weights), fed.weights)
+  moved = lambda a, b: max(
+    float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
+  finite = lambda t: all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(t))
+
+  tap = tapjax.tap(w["setup"])
+  state, info = jax.jit(tap.round)(tap.init(w["params"], 30), w["frozen"], w["train"], w["hp"], w["root"])
+  assert finite(state.server.params) and finite(state.personal)
+  assert moved(state.server.params, w["params"]) > 0
+  cohort = np.asarray(info.clients)
+  # every task the round trained is replaced (first visit: the student loss is +inf)
+  active = np.asarray(info.active)
+  assert active.any() and not (active & ~fed.client_tasks[cohort]).any()
+  np.testing.assert_array_equal(np.asarray(info.replaced), active)
+
+  model = w["model"]
+  d_setup = tapjax.disentafl_setup(w["setup"], model.apply_with_latents, model.num_latent_groups)
+  alg = tapjax.fedavg(d_setup)
+  frozen = tapjax.OrthoFrozen.create(w["frozen"], 0.5)
+  d_state, d_info = jax.jit(alg.round)(alg.init(w["params"], 30), frozen, w["train"], w["hp"], w["root"])
+  assert finite(d_state.server.params) and np.isfinite(np.asarray(d_info.global_loss)).all()
+  assert moved(d_state.server.params, w["params"]) > 0
+  np.testing.assert_array_equal(np.asarray(d_info.clients), cohort)  # same cohort draw as TAP's
