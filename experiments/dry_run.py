@@ -52,6 +52,7 @@ def describe(cfg) -> str:
   """The federation table and a per-client trainable-parameter table for ``cfg``."""
   import jax
 
+  from experiments import run
   from tapjax import components
   from tapjax.model import sizes, tap
 
@@ -62,23 +63,8 @@ def describe(cfg) -> str:
     table = layout.describe()
     index = {t.name: i for i, t in enumerate(tasks)}
     held_tasks = [[index[t] for t in c.tasks] for c in layout.clients]
-  mcfg = tap.TapModelConfig(
-    tasks=tasks,
-    domains=domains,
-    backbone=_backbone(cfg.backbone),
-    num_layers=cfg.num_layers,
-    image_size=cfg.image_size,
-    patch_size=cfg.patch_size,
-    text_len=cfg.text_len,
-    target_len=cfg.target_len,
-    answer_vocab=2,  # the answer vocabulary is known only once the data is read: its head is left out
-    lora_rank=cfg.lora_rank,
-    lora_alpha=cfg.lora_alpha,
-    expert_rank=cfg.expert_rank,
-    expert_alpha=cfg.expert_alpha,
-    head_style=cfg.head_style,
-    compat=cfg.compat,
-  )
+  # the answer vocabulary is known only once the data is read: its projection is left out
+  mcfg = run.model_config(cfg, tasks, domains, _backbone(cfg.backbone), cfg.text_len, answer_vocab=2)
   frozen, per_component = sizes.param_counts(mcfg)
   shapes = jax.eval_shape(lambda: tap.init_trainable(jax.random.key(0), mcfg))
   cm = tap.component_model(shapes, mcfg)

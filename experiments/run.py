@@ -102,6 +102,30 @@ def require_data(cfg):
     raise UserError(str(e)) from None
 
 
+def model_config(cfg, tasks, domains, backbone, text_len: int, answer_vocab: int) -> tap_model.TapModelConfig:
+  """The TAP model's config from the experiment's (``backbone``: a ``BertConfig``)."""
+  return tap_model.TapModelConfig(
+    tasks=tasks,
+    domains=domains,
+    backbone=backbone,
+    num_layers=cfg.num_layers,
+    image_size=cfg.image_size,
+    patch_size=cfg.patch_size,
+    text_len=text_len,
+    target_len=cfg.target_len,
+    answer_vocab=answer_vocab,
+    lora_rank=cfg.lora_rank,
+    lora_alpha=cfg.lora_alpha,
+    expert_rank=cfg.expert_rank,
+    expert_alpha=cfg.expert_alpha,
+    lora_dropout=cfg.lora_dropout,
+    head_dropout=cfg.head_dropout,
+    head_style=cfg.head_style,
+    compat=cfg.compat,
+    dropout_rng=cfg.get("dropout_rng", "hash"),
+  )
+
+
 def build(cfg, fed=None):
   """Federation (``fed``, else the config's), model, params and the core's Setup from a config."""
   root = jax.random.key(cfg.seed)
@@ -115,26 +139,7 @@ def build(cfg, fed=None):
     text_len = int(max(fed.train["text_mask"].sum(-1).max(), fed.test["text_mask"].sum(-1).max(), 1))
   init_key = tapjax.rng.derive(root, tapjax.rng.Stage.INIT, 0, tapjax.rng.SERVER, 0)
   backbone, bert = load_backbone(cfg.backbone, init_key)
-  mcfg = tap_model.TapModelConfig(
-    tasks=fed.tasks,
-    domains=fed.domains,
-    backbone=backbone,
-    num_layers=cfg.num_layers,
-    image_size=cfg.image_size,
-    patch_size=cfg.patch_size,
-    text_len=text_len,
-    target_len=cfg.target_len,
-    answer_vocab=len(fed.answer_vocab),
-    lora_rank=cfg.lora_rank,
-    lora_alpha=cfg.lora_alpha,
-    expert_rank=cfg.expert_rank,
-    expert_alpha=cfg.expert_alpha,
-    lora_dropout=cfg.lora_dropout,
-    head_dropout=cfg.head_dropout,
-    head_style=cfg.head_style,
-    compat=cfg.compat,
-    dropout_rng=cfg.get("dropout_rng", "hash"),
-  )
+  mcfg = model_config(cfg, fed.tasks, fed.domains, backbone, text_len, len(fed.answer_vocab))
   model = tap_model.TapModel(mcfg)
   frozen = tap_model.frozen_from_bert(bert, mcfg)
   params = tap_model.init_trainable(jax.random.fold_in(init_key, 1), mcfg)

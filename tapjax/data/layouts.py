@@ -74,6 +74,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from tapjax.data.tasks import MODALITIES
+
 __all__ = [
   "BACKBONES",
   "MODALITIES",
@@ -90,8 +92,6 @@ __all__ = [
   "paper_layout",
   "paper_patterns",
 ]
-
-MODALITIES: tuple[str, ...] = ("image", "text")
 
 # The reference's domain ids (MoDE experts). Its own order is a Python set's
 # (main_training.py:105-112), so this order is ours.

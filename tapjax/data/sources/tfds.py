@@ -42,9 +42,10 @@ from etils import epath
 from PIL import Image
 from tensorflow_datasets.core import constants as tfds_constants
 
+from tapjax.data.layouts import PAPER_DOMAINS  # the reference's domain ids (MoDE experts)
 from tapjax.data.records import Records
 from tapjax.data.sources import templates
-from tapjax.data.tasks import TaskKind
+from tapjax.data.tasks import MODALITIES, TaskKind
 
 __all__ = [
   "DATASETS",
@@ -61,20 +62,8 @@ __all__ = [
   "resolve_data_dir",
 ]
 
-# The reference's domain ids (MoDE experts), in the order of tapjax.data.layouts.PAPER_DOMAINS.
-PAPER_DOMAINS: tuple[str, ...] = (
-  "finegrain_general_object",
-  "news",
-  "general_object",
-  "visual_answering",
-  "law_answering",
-  "medicine_answering",
-  "moral_answering",
-  "common_sense_answering",
-)
 
 _FILE_FORMAT = "array_record"  # what tfds.data_source reads without TensorFlow
-_MODALITIES = ("image", "text")
 _CLASSIFICATION = (TaskKind.IMAGE_CLASSIFICATION, TaskKind.TEXT_CLASSIFICATION)
 
 Fields = dict[str, Any]
@@ -128,9 +117,9 @@ class DatasetSpec:
       raise ValueError(
         f"dataset {self.name!r}: domains {self.domains} must be non-empty, within {PAPER_DOMAINS}"
       )
-    if not self.modalities or not set(self.modalities) <= set(_MODALITIES):
+    if not self.modalities or not set(self.modalities) <= set(MODALITIES):
       raise ValueError(
-        f"dataset {self.name!r}: modalities {self.modalities} must be a subset of {_MODALITIES}"
+        f"dataset {self.name!r}: modalities {self.modalities} must be a subset of {MODALITIES}"
       )
 
   @property
