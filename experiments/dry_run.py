@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tapjax.data.tasks import MODALITIES
+
 
 def _backbone(name: str):
   """The backbone's :class:`BertConfig`: a named size, or a local folder's config.json."""
@@ -63,6 +65,12 @@ def describe(cfg) -> str:
     table = layout.describe()
     index = {t.name: i for i, t in enumerate(tasks)}
     held_tasks = [[index[t] for t in c.tasks] for c in layout.clients]
+    # [clients, tasks, modalities, domains]: what each holding's examples have
+    signature = np.zeros((len(names), len(tasks), len(MODALITIES), len(domains)), bool)
+    for c, client in enumerate(layout.clients):
+      for h in client.holdings:
+        for m in h.modalities:
+          signature[c, index[h.task], MODALITIES.index(m), domains.index(h.domain)] = True
   # the answer vocabulary is known only once the data is read: its projection is left out
   mcfg = run.model_config(cfg, tasks, domains, _backbone(cfg.backbone), cfg.text_len, answer_vocab=2)
   frozen, per_component = sizes.param_counts(mcfg)
@@ -71,7 +79,10 @@ def describe(cfg) -> str:
   client_tasks = np.zeros((len(names), len(tasks)), bool)
   for c, ts in enumerate(held_tasks):
     client_tasks[c, ts] = True
-  held = np.asarray(components.holders(client_tasks, cm.usage))  # [clients, components]
+  if cfg.federation == "embedded":  # every client's examples cover its tasks' rows
+    held = np.asarray(components.holders(client_tasks, cm.usage))  # [clients, components]
+  else:  # what the holdings' modalities and domains use (as the run computes from the data)
+    held = tap.client_holders(mcfg, cm.names, signature)
   counts = np.array([per_component[n] for n in cm.names])
   out = [table, ""]
   out.append(

@@ -172,11 +172,16 @@ def build(cfg, fed=None):
     warmup_rounds=cfg.warmup_rounds,
     post_lr=cfg.post_lr,
   )
+  # What each client holds, from the modalities and domains its examples really have
+  # (finer than its tasks' rows when one head serves datasets of other modalities or
+  # domains, as the paper's text-generation head does).
+  held = tap_model.client_holders(mcfg, cm.names, tap_model.examples_held(mcfg, fed.train, fed.n_train))
   train = tapjax.FedData(
     fed_arrays(fed.train, fed.answer_vocab, text_len),
     jnp.asarray(fed.n_train),
     jnp.asarray(fed.client_tasks),
     jnp.asarray(fed.weights),  # the real train rows (== n_train unless max_train_per_client caps them)
+    jnp.asarray(held),
   )
   test = (fed_arrays(fed.test, fed.answer_vocab, text_len), jnp.asarray(fed.n_test))
   return dict(

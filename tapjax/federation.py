@@ -141,6 +141,10 @@ class FedData(NamedTuple):
   # [clients] aggregation weights when they are not the stored examples (a client's rows
   # capped on a small machine keep their real dataset size as weight); None = num_examples
   weights: jax.Array | None = None
+  # [clients, components] bool, what each client holds when it is finer than its tasks'
+  # usage rows (a client whose examples of a task have fewer modalities or domains than
+  # the task: it trains, copies and uploads only those); None = from client_tasks and usage
+  holders: jax.Array | None = None
 
 
 class State(NamedTuple):
@@ -288,7 +292,10 @@ class _Cohort(NamedTuple):
 
 
 def client_holders(setup: Setup, data: FedData) -> jax.Array:
-  """``[clients, components]`` bool: what each client holds (from its tasks and the usage)."""
+  """``[clients, components]`` bool: what each client holds: ``data.holders`` when given,
+  else every component one of its tasks uses."""
+  if data.holders is not None:
+    return jnp.asarray(data.holders, bool)
   return components.holders(jnp.asarray(data.client_tasks, bool), jnp.asarray(setup.usage))
 
 

@@ -185,20 +185,29 @@ def _head_kind(task: TaskSpec) -> str:
   return "image" if task.kind == TaskKind.IMAGE_GENERATION else "text"
 
 
-def task_uses(cfg: TapModelConfig, t: int, for_replacement: bool = False) -> set[str]:
-  """Component names task ``t``'s forward pass uses.
+def task_uses(
+  cfg: TapModelConfig,
+  t: int,
+  for_replacement: bool = False,
+  modalities: tuple[str, ...] | None = None,
+  domains: tuple[str, ...] | None = None,
+) -> set[str]:
+  """Component names task ``t``'s forward pass uses (on examples with ``modalities``
+  and ``domains`` only, when given: subsets of the task's).
 
   With ``for_replacement`` in reference mode: what the reference's tracker copies,
   which for classification tasks skips every MoME block and every expert keyed by
   the task's group (its name never matches the group keys there).
   """
   task = cfg.tasks[t]
+  modalities = task.modalities if modalities is None else modalities
+  domains = task.domains if domains is None else domains
   uses = {"shared_proj", f"head/{task.name}"}
-  for m in task.modalities:
+  for m in modalities:
     uses.add(f"encoder/{m}")
     for _, mote, mote_e, mome, mome_e in _paths(cfg, m, task.group):
       uses |= {f"mote/{mote}", f"mome/{mome}", "expert/mote/%s/%s" % mote_e, "expert/mome/%s/%s" % mome_e}
-      uses |= {f"{blk}/domain/{d}" for blk in (f"mote/{mote}", f"mome/{mome}") for d in task.domains}
+      uses |= {f"{blk}/domain/{d}" for blk in (f"mote/{mote}", f"mome/{mome}") for d in domains}
   if (
     for_replacement
     and cfg.reference
@@ -884,6 +893,38 @@ KIND_METRICS = {
   TaskKind.IMAGE_GENERATION: ("mse",),
   TaskKind.TEXT_GENERATION: ("token_accuracy", "token_ce", "perplexity"),
 }
+
+
+def client_holders(cfg: TapModelConfig, names: tuple[str, ...], held: np.ndarray) -> np.ndarray:
+  """``[clients, components]`` bool: what each client's examples use.
+
+  Args:
+    names: the component names (:attr:`ComponentModel.names`).
+    held: bool ``[clients, tasks, modalities (MODALITIES), domains (cfg.domains)]``:
+      whether the client has an example of that task with that input modality and
+      domain. A client whose text-generation examples are all text-only (MMLU beside
+      VQA's image + text under one head) holds no image component for them; one with
+      a single domain holds that domain's experts only.
+  """
+  index = {n: i for i, n in enumerate(names)}
+  out = np.zeros((held.shape[0], len(names)), bool)
+  for c, t, m, d in zip(*np.nonzero(held)):
+    uses = task_uses(cfg, int(t), modalities=(MODALITIES[m],), domains=(cfg.domains[d],))
+    out[c, [index[u] for u in uses]] = True
+  return out
+
+
+def examples_held(cfg: TapModelConfig, examples: dict, num_examples: np.ndarray) -> np.ndarray:
+  """The ``held`` argument of :func:`client_holders` from a federation's examples
+  (``[clients, examples]`` fields ``task``, ``domain``, ``has_image``, ``has_text``;
+  rows past ``num_examples [clients]`` are padding)."""
+  n_clients, capacity = np.shape(examples["task"])
+  valid = np.arange(capacity)[None] < np.asarray(num_examples)[:, None]
+  out = np.zeros((n_clients, len(cfg.tasks), len(MODALITIES), len(cfg.domains)), bool)
+  for m, field in enumerate(("has_image", "has_text")):
+    c, e = np.nonzero(valid & np.asarray(examples[field], bool))
+    out[c, np.asarray(examples["task"])[c, e], m, np.asarray(examples["domain"])[c, e]] = True
+  return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -366,6 +366,14 @@ def test_one_round_of_tap_and_of_disentafl_on_the_paper_federation(built):
   cfg.federation, cfg.image_size, cfg.text_len, cfg.target_len = "paper_flava", S, LT, LA
   w = run.build(cfg, fed=fed)
   assert np.array_equal(np.asarray(w["train"].weights), fed.weights)
+  # holders follow the examples: MMLU (text only, 3 domains) under the image+text
+  # text-generation head holds no image component and no VQA domain expert
+  names, held = w["cm"].names, np.asarray(w["train"].holders)
+  has = lambda client: {names[i] for i in np.flatnonzero(held[fed.client_names.index(client)])}
+  mmlu, vqa = has("g0p6"), has("g0p4")
+  assert "encoder/text" in mmlu and not any("image" in n for n in mmlu), sorted(mmlu)
+  assert "encoder/image" in vqa and not any(n.endswith("/domain/law_answering") for n in vqa)
+  assert any(n.endswith("/domain/law_answering") for n in mmlu)
   moved = lambda a, b: max(
     float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
   )

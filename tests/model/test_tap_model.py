@@ -636,3 +636,48 @@ def test_quirk7_text_kd_positions():
   ref = M.TapModel(make("reference")[0]).divergence(s, te, batch, 1.0)
   np.testing.assert_allclose(paper, [per_tok[:2].sum()], rtol=1e-5)
   np.testing.assert_allclose(ref, [per_tok.sum()], rtol=1e-5)
+
+
+def test_client_holders_follow_the_examples_modalities_and_domains():
+  """A client holds what its examples use: all of a task's modalities and domains give
+  the task's usage row; text-only examples of the image+text task give no image
+  component; one domain of three gives that domain's experts only."""
+  cfg, _, _, params = make("paper")
+  cm = M.component_model(params, cfg)
+  vqa, qa = task_index("vqa_gen"), task_index("qa_gen")
+  held = np.zeros((3, len(TASKS), len(MODALITIES), len(DOMAINS)), bool)
+  held[0, vqa, :, DOMAINS.index("visual_answering")] = True  # both modalities, its domain
+  held[0, qa, MODALITIES.index("text"), [DOMAINS.index(d) for d in TASKS[qa].domains]] = True
+  held[1, vqa, MODALITIES.index("text"), DOMAINS.index("visual_answering")] = True  # text only
+  held[2, qa, MODALITIES.index("text"), DOMAINS.index("law_answering")] = True  # one domain of 3
+  got = M.client_holders(cfg, cm.names, held)
+  tasks = np.zeros((3, len(TASKS)), bool)
+  tasks[0, [vqa, qa]] = True
+  np.testing.assert_array_equal(got[0], tapjax.holders(tasks, cm.usage)[0])
+  names = lambda c: {cm.names[i] for i in np.flatnonzero(got[c])}
+  assert names(1) == M.task_uses(cfg, vqa, modalities=("text",))
+  assert not any(n.startswith(("encoder/image", "mote/image", "expert/mote/image")) for n in names(1))
+  assert {n for n in names(2) if "/domain/" in n} == {
+    n for n in names(0) if n.endswith("/domain/law_answering")
+  }
+  # from examples: padding rows and absent modalities never count
+  ex = {
+    "task": np.array([[vqa, vqa, qa]]),
+    "domain": np.array([[3, 3, 4]]),
+    "has_image": np.array([[False, True, True]]),
+    "has_text": np.array([[True, True, True]]),
+  }
+  h = M.examples_held(cfg, ex, np.array([1]))
+  assert np.flatnonzero(h.ravel()).tolist() == [np.ravel_multi_index((0, vqa, 1, 3), h.shape)]
+
+
+def test_embedded_federation_holders_are_its_task_rows():
+  """On the embedded federation every client's examples cover its tasks' modalities and
+  domains, so the finer holders change nothing there (the demo's numbers stay)."""
+  from tapjax.data import make_embedded_federation
+
+  cfg, _, _, params = make("paper")
+  cm = M.component_model(params, cfg)
+  fed = make_embedded_federation(examples_per_task=8, test_examples_per_task=2, image_size=16)
+  got = M.client_holders(cfg, cm.names, M.examples_held(cfg, fed.train, fed.n_train))
+  np.testing.assert_array_equal(got, tapjax.holders(fed.client_tasks, cm.usage))
