@@ -318,6 +318,9 @@ def summarize(w, evals: dict) -> dict:
   return out
 
 
+_stack = jax.jit(tapjax.federation.stack, static_argnums=1)  # one program, not one per leaf shape
+
+
 # ----------------------------------------------------------------------------- resumable run
 
 # Local only runs first: its state is not needed afterwards (it is evaluated at once),
@@ -496,7 +499,7 @@ class Experiment:
         self._checkpoint(stop, boundary=True)
       if p.stage == "tap":
         self._rounds("tap", log, stop)
-        self._evaluate("fedavg", tapjax.federation.stack(tapjax.final_global(setup, self.arrays["tap"]), n))
+        self._evaluate("fedavg", _stack(tapjax.final_global(setup, self.arrays["tap"]), n))
         p.stage = "post"
         self._checkpoint(stop, boundary=True)
     # Stage 2: post-training of every client's global slice ("FedAvg + post-train",
@@ -538,7 +541,7 @@ class Experiment:
     w, setup, n = self.w, self.w["setup"], self.w["fed"].num_clients
     self._rounds("disentafl", log, stop)
     final = tapjax.final_global(setup, self.arrays.pop("disentafl"))
-    self._evaluate("disentafl", tapjax.federation.stack(final, n))
+    self._evaluate("disentafl", _stack(final, n))
     post = jax.jit(tapjax.post_train(self.disentafl_setup))
     self._evaluate("disentafl_post", post(final, self.frozen["disentafl"], w["train"], w["hp"], w["root"]))
 
