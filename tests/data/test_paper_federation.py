@@ -22,12 +22,12 @@ import time
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import naming
 
+from tfds_fixtures import fake_prepared
 from tapjax.data import CIFAR100_MEAN, CIFAR100_STD, TaskKind, load_tokenizer, tokenize
 from tapjax.data import layouts, sources
 from tapjax.data.paper import allot, make_paper_federation, paper_datasets, prepared_sizes
-from tapjax.data.sources import DATASETS, DatasetNotPreparedError, builder_class, dataset_spec
+from tapjax.data.sources import DATASETS, DatasetNotPreparedError, dataset_spec
 
 S, LT, LA, SEED = 16, 16, 12, 41
 
@@ -87,25 +87,9 @@ def _fixture_source(builder, split, decoders=None, deserialize_method=None, **kw
 
 
 def _prepare_metadata(data_dir, names):
-  """Write what ``prepare`` leaves (dataset_info.json, ArrayRecord, split sizes), no data files."""
+  """Every dataset in ``names`` "prepared" with the fixture's split sizes, no data files."""
   for name in names:
-    spec = dataset_spec(name)
-    builder_class(spec)
-    builder = tfds.builder(spec.tfds_name, data_dir=str(data_dir), file_format="array_record")
-    infos = [
-      tfds.core.SplitInfo(
-        name=split,
-        shard_lengths=[n],
-        num_bytes=0,
-        filename_template=naming.ShardedFileTemplate(
-          data_dir=builder.data_path, dataset_name=builder.name, split=split, filetype_suffix="array_record"
-        ),
-      )
-      for split, n in COUNTS[name].items()
-    ]
-    builder.info.set_splits(tfds.core.SplitDict(infos))
-    builder.data_path.mkdir(parents=True, exist_ok=True)
-    builder.info.write_to_directory(builder.data_path)
+    fake_prepared(name, data_dir, COUNTS[name])
 
 
 # ViLT is built from an explicit sizes table: the reference's rules, the fixture's

@@ -17,14 +17,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
-from tensorflow_datasets.core import naming
 
+from tfds_fixtures import fake_prepared
 from tapjax.data.records import Records
 from tapjax.data.sources import (
   DATASETS,
   PAPER_DOMAINS,
   DatasetNotPreparedError,
-  builder_class,
   dataset_spec,
   load,
   num_examples,
@@ -79,25 +78,7 @@ def _check_records(records: Records, name: str, n: int):
     assert np.all(records.label == 0)
 
 
-def _fake_prepared(name: str, data_dir, splits: dict[str, int]):
-  """Write the metadata ``prepare`` leaves for a catalog dataset (dataset_info.json, ArrayRecord)."""
-  spec = dataset_spec(name)
-  builder_class(spec)
-  builder = tfds.builder(spec.tfds_name, data_dir=str(data_dir), file_format="array_record")
-  infos = [
-    tfds.core.SplitInfo(
-      name=split,
-      shard_lengths=[n],
-      num_bytes=0,
-      filename_template=naming.ShardedFileTemplate(
-        data_dir=builder.data_path, dataset_name=builder.name, split=split, filetype_suffix="array_record"
-      ),
-    )
-    for split, n in splits.items()
-  ]
-  builder.info.set_splits(tfds.core.SplitDict(infos))
-  builder.data_path.mkdir(parents=True, exist_ok=True)
-  builder.info.write_to_directory(builder.data_path)
+_fake_prepared = fake_prepared
 
 
 # --------------------------------------------------------------------------- the table and templates

@@ -93,6 +93,16 @@ def image_cell_bytes(cell: Any, where: str) -> bytes:
   return data
 
 
+def image_label_features(num_classes: int) -> tfds.features.FeaturesDict:
+  """An RGB image of any size and a class label: the image datasets' features."""
+  return tfds.features.FeaturesDict(
+    {
+      "image": tfds.features.Image(shape=(None, None, 3)),
+      "label": tfds.features.ClassLabel(num_classes=num_classes),
+    }
+  )
+
+
 class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A TFDS builder over files in ``manual_dir``; subclasses name the features and splits.
 

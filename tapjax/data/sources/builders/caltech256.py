@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from tapjax.data.sources.builders.base import (
+  image_label_features,
   LocalBuilder,
   image_cell_bytes,
   parquet_rows,
@@ -48,12 +48,7 @@ One of two layouts in the manual folder:
 """
 
   def _features(self):
-    return tfds.features.FeaturesDict(
-      {
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-      }
-    )
+    return image_label_features(NUM_CLASSES)
 
   def _split_generators(self, dl_manager):
     root = Path(dl_manager.manual_dir)
