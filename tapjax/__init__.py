@@ -31,7 +31,9 @@ from tapjax.disentangle import (
 )
 from tapjax.distill import distill_loss, kd_divergence, kd_loss
 from tapjax.federation import (
+  STAGE2_PURPOSES,
   Algorithm,
+  CohortData,
   Fault,
   FedData,
   HParams,
@@ -46,7 +48,7 @@ from tapjax.federation import (
   sample_cohort,
   tap,
 )
-from tapjax.local import LocalConfig, TrainResult, warmup_lr
+from tapjax.local import Batches, LocalConfig, TrainResult, draw_indices, warmup_lr
 from tapjax.objective import Objective, supervised_loss
 from tapjax.personalize import Replacement, decide, expand, initial_student_loss, merge, replace
 from tapjax.sharding import ClientMap, client_mesh

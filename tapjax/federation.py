@@ -147,6 +147,29 @@ class FedData(NamedTuple):
   holders: jax.Array | None = None
 
 
+class CohortData(NamedTuple):
+  """The data of one round, or of one chunk of clients in stage 2, with the clients'
+  training batches drawn ahead (on the host: :mod:`tapjax.data.stream`) instead of
+  their whole datasets, so the device never holds a large client's examples. Every
+  algorithm's ``round``, :func:`post_train` and :func:`distill_personal` take it in
+  place of :class:`FedData`; given the batches a dense call would draw
+  (:func:`tapjax.local.draw_indices`), the result is the same.
+  """
+
+  ids: jax.Array  # [cohort] global client ids (a round's: sample_cohort(root, round, ...))
+  # {int(Purpose): {field: [cohort, draws, batch, ...]}}: each training call's batches
+  # (local.Batches rows), one entry per data purpose the algorithm draws with
+  # (Algorithm.purposes; stage 2: STAGE2_PURPOSES)
+  batches: dict
+  num_examples: jax.Array  # [cohort] the clients' example counts
+  client_tasks: jax.Array  # [cohort, tasks] bool
+  weights: jax.Array  # [cohort] aggregation weights
+  holders: jax.Array  # [cohort, components] bool, what each client holds (client_holders)
+
+
+STAGE2_PURPOSES = (Purpose.TEACHER_DATA,)  # post-training and distillation share batches
+
+
 class State(NamedTuple):
   """The whole federation. ``personal`` is ``()`` for algorithms without personal models."""
 
@@ -189,10 +212,13 @@ class RoundInfo(NamedTuple):
 
 class Algorithm(NamedTuple):
   """``init(params, num_clients) -> State``;
-  ``round(state, frozen, data, hparams, root_key) -> (State, RoundInfo)``."""
+  ``round(state, frozen, data, hparams, root_key) -> (State, RoundInfo)`` where ``data``
+  is a :class:`FedData` or a round's :class:`CohortData` holding batches for each of
+  ``purposes`` (the data purposes its training calls draw with)."""
 
   init: Callable[..., State]
   round: Callable[..., tuple[State, RoundInfo]]
+  purposes: tuple[Purpose, ...] = ()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -299,9 +325,51 @@ def client_holders(setup: Setup, data: FedData) -> jax.Array:
   return components.holders(jnp.asarray(data.client_tasks, bool), jnp.asarray(setup.usage))
 
 
-def _cohort(setup: Setup, state: State, data: FedData, hp: HParams, root: jax.Array) -> _Cohort:
-  ids = sample_cohort(root, state.round, data.num_examples.shape[0], setup.cohort_size)
+class _Drawn(NamedTuple):
+  """A client's pre-drawn batches per data purpose (from :class:`CohortData`)."""
+
+  by_purpose: dict
+
+
+def _draw(examples, key: Callable, purpose: Purpose):
+  """What one training call draws its batches with: the client's pre-drawn batches of
+  ``purpose`` (a :class:`CohortData` call), else the key of ``purpose``."""
+  if not isinstance(examples, _Drawn):
+    return key(purpose)
+  if int(purpose) not in examples.by_purpose:
+    raise ValueError(
+      f"CohortData.batches has no batches for {Purpose(purpose)!r} (it has "
+      f"{sorted(Purpose(p).name for p in examples.by_purpose)}); draw them for the algorithm's "
+      "purposes (Algorithm.purposes, or STAGE2_PURPOSES in stage 2)"
+    )
+  return local.Batches(examples.by_purpose[int(purpose)])
+
+
+def _data_and_key(examples, draw):
+  """``(data, data_key)`` of a :func:`tapjax.local.train` call from :func:`_draw`'s result."""
+  return (draw, None) if isinstance(draw, local.Batches) else (examples, draw)
+
+
+def _check_cohort_data(data: CohortData, size: int, what: str):
+  got = np.shape(data.ids)[0]
+  if got != size:
+    raise ValueError(f"CohortData holds {got} clients where {what} needs {size}")
+
+
+def _cohort(setup: Setup, state: State, data: FedData | CohortData, hp: HParams, root: jax.Array) -> _Cohort:
   lr = local.warmup_lr(state.round, hp.lr_min, hp.lr_peak, hp.warmup_rounds)
+  if isinstance(data, CohortData):
+    _check_cohort_data(data, setup.cohort_size, f"a round of cohort_size={setup.cohort_size}")
+    return _Cohort(
+      jnp.asarray(data.ids, jnp.int32),
+      _Drawn(data.batches),
+      data.num_examples,
+      jnp.asarray(data.client_tasks, bool),
+      jnp.asarray(data.holders, bool),
+      lr,
+      data.weights,
+    )
+  ids = sample_cohort(root, state.round, data.num_examples.shape[0], setup.cohort_size)
   return _Cohort(
     ids,
     gather(data.examples, ids),
@@ -314,13 +382,15 @@ def _cohort(setup: Setup, state: State, data: FedData, hp: HParams, root: jax.Ar
 
 
 def _train(
-  setup: Setup, loss_fn, params, examples, n, held, lr, data_key, dropout_key, cfg: local.LocalConfig
+  setup: Setup, loss_fn, params, examples, n, held, lr, draw, dropout_key, cfg: local.LocalConfig
 ) -> local.TrainResult:
-  """One client's local training, updating only the components it holds."""
+  """One client's local training, updating only the components it holds (``draw``: a
+  data key, or pre-drawn batches, see :func:`_draw`)."""
+  data, data_key = _data_and_key(examples, draw)
   return local.train(
     loss_fn,
     params,
-    examples,
+    data,
     n,
     data_key,
     dropout_key,
@@ -421,8 +491,8 @@ def tap_client(
   key = functools.partial(derive, root, Stage.FEDERATED, round_, cid)
   rule_usage = setup.usage if setup.replace_usage is None else setup.replace_usage
 
-  def train_from(params, data_key, dropout_key):
-    return _train(setup, loss_fn, params, examples, n, held, lr, data_key, dropout_key, setup.local)
+  def train_from(params, draw, dropout_key):
+    return _train(setup, loss_fn, params, examples, n, held, lr, draw, dropout_key, setup.local)
 
   def rule(g: local.TrainResult):
     """2. Copy every component of each task whose teacher (the trained global copy)
@@ -439,13 +509,17 @@ def tap_client(
       held,
       setup.leaf_ids,
     )
-    data_key = select_key(jnp.any(rep.tasks), key(Purpose.PERSONAL_DATA), key(Purpose.GLOBAL_DATA))
-    return (rep.params, data_key, key(Purpose.PERSONAL_DROPOUT)), rep
+    draw = where_tree(
+      jnp.any(rep.tasks),
+      _draw(examples, key, Purpose.PERSONAL_DATA),
+      _draw(examples, key, Purpose.GLOBAL_DATA),
+    )
+    return (rep.params, draw, key(Purpose.PERSONAL_DROPOUT)), rep
 
   # 1. train the global copy; 2. the rule; 3. train the personal model (one traced body).
   g, p, rep = twice(
     train_from,
-    (start, key(Purpose.GLOBAL_DATA), key(Purpose.GLOBAL_DROPOUT)),
+    (start, _draw(examples, key, Purpose.GLOBAL_DATA), key(Purpose.GLOBAL_DROPOUT)),
     rule,
     local.TrainResult.like(start, setup.num_tasks),
   )
@@ -520,7 +594,7 @@ def tap(setup: Setup) -> Algorithm:
       v.reason,
     )
 
-  return Algorithm(init, round_)
+  return Algorithm(init, round_, (Purpose.GLOBAL_DATA, Purpose.PERSONAL_DATA))
 
 
 def _train_cohort(
@@ -539,9 +613,8 @@ def _train_cohort(
 
   def client(cid, params, examples, n, has_task, held):
     key = functools.partial(derive, root, Stage.FEDERATED, round_, cid)
-    r = _train(
-      setup, loss_fn, params, examples, n, held, c.lr, key(data_purpose), key(dropout_purpose), setup.local
-    )
+    draw = _draw(examples, key, data_purpose)
+    r = _train(setup, loss_fn, params, examples, n, held, c.lr, draw, key(dropout_purpose), setup.local)
     return r.params, _record(setup, r), has_task & (r.task_count > 0)
 
   return setup.client_map(client)(c.ids, starts, c.examples, c.num_examples, c.tasks, c.held)
@@ -579,7 +652,7 @@ def fedavg(setup: Setup) -> Algorithm:
     new = state._replace(round=state.round + 1, server=_aggregate(setup, state, g_params, c, v.ok))
     return new, _no_replacement_info(setup, c, g_loss, jnp.full_like(g_loss, jnp.nan), active, v)
 
-  return Algorithm(init, round_)
+  return Algorithm(init, round_, (Purpose.GLOBAL_DATA,))
 
 
 def local_only(setup: Setup) -> Algorithm:
@@ -599,20 +672,35 @@ def local_only(setup: Setup) -> Algorithm:
     new = state._replace(round=state.round + 1, personal=scatter(state.personal, c.ids, personal))
     return new, _no_replacement_info(setup, c, jnp.full_like(p_loss, jnp.nan), p_loss, active, v)
 
-  return Algorithm(init, round_)
+  return Algorithm(init, round_, (Purpose.LOCAL_DATA,))
 
 
 # ----------------------------------------------------------------------------- stage 2
 
 
+def _stage2_rows(setup: Setup, data: FedData | CohortData):
+  """``(ids, examples, num_examples, holders)`` of the clients a stage-2 call trains:
+  every client of a :class:`FedData`, the chunk of a :class:`CohortData`."""
+  if isinstance(data, CohortData):
+    return (
+      jnp.asarray(data.ids, jnp.int32),
+      _Drawn(data.batches),
+      data.num_examples,
+      jnp.asarray(data.holders, bool),
+    )
+  ids = jnp.arange(data.num_examples.shape[0], dtype=jnp.int32)
+  return ids, data.examples, data.num_examples, client_holders(setup, data)
+
+
 def post_train(setup: Setup) -> Callable[..., PyTree]:
   """``(global_params, frozen, data, hparams, root) -> [clients, ...]``: every client
   fine-tunes its slice of the global model on its own data (``setup.post`` steps at
-  ``hparams.post_lr``). This is the "FedAvg + post-train" model and TAP's KD teacher."""
+  ``hparams.post_lr``). This is the "FedAvg + post-train" model and TAP's KD teacher.
+  With a :class:`CohortData` ``data`` (batches of :data:`STAGE2_PURPOSES`) it trains that
+  chunk of clients: ``[chunk, ...]``, the same rows as the dense call's."""
 
-  def run(global_params: PyTree, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
+  def run(global_params: PyTree, frozen: PyTree, data: FedData | CohortData, hp: HParams, root: jax.Array):
     loss_fn = supervised_loss(setup.objective, frozen)
-    ids = jnp.arange(data.num_examples.shape[0], dtype=jnp.int32)
 
     def client(cid, examples, n, held):
       key = functools.partial(derive, root, Stage.POST, 0, cid)
@@ -624,12 +712,12 @@ def post_train(setup: Setup) -> Callable[..., PyTree]:
         n,
         held,
         hp.post_lr,
-        key(Purpose.TEACHER_DATA),
+        _draw(examples, key, Purpose.TEACHER_DATA),
         key(Purpose.TEACHER_DROPOUT),
         setup.post,
       ).params
 
-    return setup.client_map(client)(ids, data.examples, data.num_examples, client_holders(setup, data))
+    return setup.client_map(client)(*_stage2_rows(setup, data))
 
   return run
 
@@ -638,21 +726,30 @@ def distill_personal(setup: Setup) -> Callable[..., PyTree]:
   """``(personal, teachers, frozen, data, hparams, root) -> [clients, ...]``: TAP stage 2.
   Each personal model fine-tunes on the same batches as its teacher with task loss +
   ``kd_weight[task]`` * KD(teacher || student). ``kd_weight = 0`` is "TAP without KD"
-  (same compiled program)."""
+  (same compiled program). With a :class:`CohortData` ``data`` (a chunk of clients),
+  ``personal`` and ``teachers`` are that chunk's rows ``[chunk, ...]``."""
 
-  def run(personal: PyTree, teachers: PyTree, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
-    ids = jnp.arange(data.num_examples.shape[0], dtype=jnp.int32)
+  def run(
+    personal: PyTree,
+    teachers: PyTree,
+    frozen: PyTree,
+    data: FedData | CohortData,
+    hp: HParams,
+    root: jax.Array,
+  ):
+    ids, examples, num_examples, held = _stage2_rows(setup, data)
 
     def client(cid, params, teacher, examples, n, held_c):
       key = functools.partial(derive, root, Stage.POST, 0, cid)
+      data_c, data_key = _data_and_key(examples, _draw(examples, key, Purpose.TEACHER_DATA))
       return distill.distill(
         setup.objective,
         params,
         teacher,
         frozen,
-        examples,
+        data_c,
         n,
-        key(Purpose.TEACHER_DATA),
+        data_key,
         key(Purpose.STUDENT_DROPOUT),
         hp.post_lr,
         setup.post,
@@ -662,8 +759,6 @@ def distill_personal(setup: Setup) -> Callable[..., PyTree]:
         components.leaf_mask(held_c, setup.leaf_ids),
       ).params
 
-    return setup.client_map(client)(
-      ids, personal, teachers, data.examples, data.num_examples, client_holders(setup, data)
-    )
+    return setup.client_map(client)(ids, personal, teachers, examples, num_examples, held)
 
   return run

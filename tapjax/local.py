@@ -92,6 +92,25 @@ def take_batch(
   return jax.tree_util.tree_map(lambda x: x[idx], data)
 
 
+class Batches(NamedTuple):
+  """One client's training batches drawn ahead of the call (on the host, say), in the
+  order :func:`train` consumes them: ``examples`` leaves ``[draws, batch, ...]`` with
+  ``draws = steps * accum``; micro-batch ``j`` of step ``s`` is row ``s * accum + j``.
+  See :func:`draw_indices` for which examples a dense call would draw."""
+
+  examples: dict
+
+
+def draw_indices(data_key: jax.Array, num_examples: jax.Array, capacity: int, cfg: LocalConfig) -> jax.Array:
+  """``[draws, batch]`` int32: the example indices a :func:`train` call on dense data of
+  ``capacity`` rows draws with ``data_key``, in order (``draws = steps * accum``).
+  Gathering them (``x[idx]``) gives the :class:`Batches` that make the same call."""
+  order = example_order(data_key, num_examples, capacity)
+  total = cfg.steps * cfg.accum * cfg.batch_size
+  pos = jnp.arange(total) % jnp.maximum(num_examples, 1)
+  return order[pos].reshape(cfg.steps * cfg.accum, cfg.batch_size).astype(jnp.int32)
+
+
 def train(
   loss_fn: LossFn,
   params: PyTree,
@@ -110,9 +129,10 @@ def train(
     loss_fn: ``(params, batch, key) -> [batch]`` per-example losses.
     params: the client's trainable pytree.
     data: the client's examples, a dict of ``[examples, ...]`` arrays (zero padded)
-      with ``data["task"]`` ``[examples]`` int.
+      with ``data["task"]`` ``[examples]`` int; or its :class:`Batches` drawn ahead
+      (then ``num_examples`` and ``data_key`` are not used: pass ``None``).
     num_examples: scalar, valid examples in ``data``.
-    data_key: which batches are drawn.
+    data_key: which batches are drawn (:func:`draw_indices`).
     dropout_key: randomness inside ``loss_fn`` (folded with step and micro-batch).
     lr: scalar learning rate (traced: changing it does not recompile).
     cfg: static step counts and optimizer constants.
@@ -125,8 +145,16 @@ def train(
     :class:`TrainResult` with ``task_loss`` / ``task_count`` of shape ``[tasks]``.
   """
   tx = optimizer(lr, cfg)
-  capacity = jax.tree_util.tree_leaves(data)[0].shape[0]
-  order = example_order(data_key, num_examples, capacity)
+  drawn = isinstance(data, Batches)
+  if drawn:
+    draws = jax.tree_util.tree_leaves(data.examples)[0].shape[:2]
+    if draws != (cfg.steps * cfg.accum, cfg.batch_size):
+      raise ValueError(
+        f"Batches of shape {draws} [draws, batch] do not fit LocalConfig(steps={cfg.steps}, "
+        f"accum={cfg.accum}, batch_size={cfg.batch_size}): draw them with the same config"
+      )
+  else:
+    order = example_order(data_key, num_examples, jax.tree_util.tree_leaves(data)[0].shape[0])
   # The optimizer state, accumulation and masking run on ONE flat vector: per-leaf
   # optimizer arithmetic over ~70 leaves was half of the program's compile time.
   flat, unravel = ravel_pytree(params)
@@ -139,8 +167,10 @@ def train(
     )[0]
 
   def micro(p, step, j):
-    start = (step * cfg.accum + j) * cfg.batch_size
-    batch = take_batch(data, order, num_examples, start, cfg.batch_size)
+    if drawn:
+      batch = jax.tree_util.tree_map(lambda x: x[step * cfg.accum + j], data.examples)
+    else:
+      batch = take_batch(data, order, num_examples, (step * cfg.accum + j) * cfg.batch_size, cfg.batch_size)
     key = jax.random.fold_in(jax.random.fold_in(dropout_key, step), j)
 
     def objective(q):
