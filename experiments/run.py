@@ -33,7 +33,10 @@ import tapjax.eval as tapjax_eval
 from experiments import report, text_metrics
 from experiments.validate import UserError
 from tapjax.data import load_tokenizer, make_embedded_federation
+from tapjax.data.stream import HostFeed, chunk_ids
 from tapjax.data.tasks import TaskKind
+from tapjax.federation import STAGE2_PURPOSES
+from tapjax.rng import Stage
 from tapjax.model import tap as tap_model
 from tapjax.model.sizes import SIZES
 
@@ -48,15 +51,20 @@ def load_backbone(name: str, key):
   return hf.load_bert(hf.minilm_path() if name == "minilm" else name)
 
 
-def fed_arrays(split: dict, answer_vocab: np.ndarray, text_len: int) -> dict:
-  """Device arrays of one split, with ``target`` re-indexed into the answer vocabulary
+def host_arrays(split: dict, answer_vocab: np.ndarray, text_len: int) -> dict:
+  """Numpy arrays of one split, with ``target`` re-indexed into the answer vocabulary
   and text cut to ``text_len`` positions."""
   lookup = np.zeros(int(answer_vocab.max()) + 1, np.int32)
   lookup[answer_vocab] = np.arange(len(answer_vocab), dtype=np.int32)
   cut = lambda k, v: v[..., :text_len] if k in ("text", "text_mask") else v
-  out = {k: jnp.asarray(cut(k, v)) for k, v in split.items() if k != "target"}
-  out["target"] = jnp.asarray(lookup[split["target"]])
+  out = {k: cut(k, v) for k, v in split.items() if k != "target"}
+  out["target"] = lookup[split["target"]]
   return out
+
+
+def fed_arrays(split: dict, answer_vocab: np.ndarray, text_len: int) -> dict:
+  """:func:`host_arrays` on the device."""
+  return {k: jnp.asarray(v) for k, v in host_arrays(split, answer_vocab, text_len).items()}
 
 
 PAPER_BACKBONES = {"paper_flava": "flava", "paper_vilt": "vilt"}  # federation -> layout
@@ -176,14 +184,23 @@ def build(cfg, fed=None):
   # (finer than its tasks' rows when one head serves datasets of other modalities or
   # domains, as the paper's text-generation head does).
   held = tap_model.client_holders(mcfg, cm.names, tap_model.examples_held(mcfg, fed.train, fed.n_train))
-  train = tapjax.FedData(
-    fed_arrays(fed.train, fed.answer_vocab, text_len),
-    jnp.asarray(fed.n_train),
-    jnp.asarray(fed.client_tasks),
-    jnp.asarray(fed.weights),  # the real train rows (== n_train unless max_train_per_client caps them)
-    jnp.asarray(held),
-  )
-  test = (fed_arrays(fed.test, fed.answer_vocab, text_len), jnp.asarray(fed.n_test))
+  if cfg.get("stream", False):
+    # The host-fed pipeline: the examples stay on the host; each round (and each
+    # stage-2 and evaluation chunk of clients) sends the device only what it draws.
+    feed = HostFeed(
+      host_arrays(fed.train, fed.answer_vocab, text_len), fed.n_train, fed.client_tasks, held, fed.weights
+    )
+    train, test = None, (host_arrays(fed.test, fed.answer_vocab, text_len), np.asarray(fed.n_test))
+  else:
+    feed = None
+    train = tapjax.FedData(
+      fed_arrays(fed.train, fed.answer_vocab, text_len),
+      jnp.asarray(fed.n_train),
+      jnp.asarray(fed.client_tasks),
+      jnp.asarray(fed.weights),  # the real train rows (== n_train unless max_train_per_client caps them)
+      jnp.asarray(held),
+    )
+    test = (fed_arrays(fed.test, fed.answer_vocab, text_len), jnp.asarray(fed.n_test))
   return dict(
     root=root,
     fed=fed,
@@ -195,6 +212,7 @@ def build(cfg, fed=None):
     setup=setup,
     hp=hp,
     train=train,
+    feed=feed,
     test=test,
     tokenizer=tokenizer,
     bertscore=bertscore,
@@ -264,7 +282,14 @@ def evaluate(w, stacked, cfg):
       )
     )
   test, n_test = w["test"]
-  means, _, preds = w["eval_fn"](stacked, test, n_test)
+  if w["feed"] is None:
+    means, _, preds = w["eval_fn"](stacked, test, n_test)
+  else:  # chunks of clients, their test rows sent from the host
+    parts = [
+      w["eval_fn"](_gather(stacked, ids), {k: v[ids] for k, v in test.items()}, n_test[ids])
+      for ids in chunk_ids(len(n_test), _chunk(cfg, len(n_test)))
+    ]
+    means, _, preds = _concat(parts, len(n_test))
   out = {k: np.asarray(v) for k, v in means.items()}
   fed = w["fed"]
   pairs = text_metrics.text_pairs(fed, np.asarray(preds["answer"]), w["tokenizer"])
@@ -319,6 +344,15 @@ def summarize(w, evals: dict) -> dict:
 
 
 _stack = jax.jit(tapjax.federation.stack, static_argnums=1)  # one program, not one per leaf shape
+_gather = jax.jit(tapjax.federation.gather)
+_concat = jax.jit(
+  lambda parts, n: jax.tree_util.tree_map(lambda *x: jnp.concatenate(x)[:n], *parts), static_argnums=1
+)
+
+
+def _chunk(cfg, num_clients: int) -> int:
+  """Clients per stage-2 / evaluation call of the host-fed pipeline (0 = all)."""
+  return cfg.get("chunk_clients", 0) or num_clients
 
 
 # ----------------------------------------------------------------------------- resumable run
@@ -450,6 +484,23 @@ class Experiment:
 
   # --------------------------------------------------------------------------- stages
 
+  def _per_client(self, post_cfg, fn, *stacked):
+    """``fn(data, *rows) -> [clients, ...]`` for every client: one call on the dense
+    data, or (host-fed) one call per chunk of clients on their batches drawn on the
+    host with ``post_cfg``, ``stacked [clients, ...]`` trees cut to the chunk's rows."""
+    w = self.w
+    if w["feed"] is None:
+      return fn(w["train"], *stacked)
+    n = w["feed"].num_clients
+    parts = [
+      fn(
+        w["feed"].data(ids, w["root"], post_cfg, STAGE2_PURPOSES, Stage.POST),
+        *(_gather(s, ids) for s in stacked),
+      )
+      for ids in chunk_ids(n, _chunk(self.cfg, n))
+    ]
+    return _concat(parts, n)
+
   def _rounds(self, name: str, log, stop):
     """The remaining rounds of stage ``name`` ("local", "disentafl" or "tap")."""
     w, p, rounds = self.w, self.progress, self.cfg.rounds
@@ -461,8 +512,15 @@ class Experiment:
       dict(p.history[-1]["cumulative_replaced"]) if p.history else {k.name.lower(): 0 for k in TaskKind}
     )
     desc = {"tap": "TAP stage 1", "local": "Local only", "disentafl": "DisentAFL"}[name]
-    for r in tqdm(range(p.round, rounds), desc=desc, unit="round", initial=p.round, total=rounds):
-      self.arrays[name], info = round_fn(self.arrays[name], self.frozen[name], w["train"], w["hp"], w["root"])
+    todo = range(p.round, rounds)
+    if w["feed"] is None:
+      feed = (w["train"] for _ in todo)
+    else:  # each round's batches drawn on the host, the next one while this one runs
+      feed = w["feed"].rounds(
+        w["root"], todo, w["setup"].cohort_size, w["setup"].local, self.algs[name].purposes
+      )
+    for r, data in tqdm(zip(todo, feed), desc=desc, unit="round", initial=p.round, total=rounds):
+      self.arrays[name], info = round_fn(self.arrays[name], self.frozen[name], data, w["hp"], w["root"])
       jax.block_until_ready(info)  # honest progress bars
       p.round = r + 1
       rejected = rejections(info)
@@ -510,24 +568,36 @@ class Experiment:
     dist = jax.jit(tapjax.distill_personal(setup))
     if p.stage == "post":
       final_global = tapjax.final_global(setup, tap_state)
-      teachers = jax.jit(tapjax.post_train(setup))(final_global, w["frozen"], w["train"], hp, w["root"])
+      post = jax.jit(tapjax.post_train(setup))
+      teachers = self._per_client(setup.post, lambda d: post(final_global, w["frozen"], d, hp, w["root"]))
       self.arrays["teachers"] = jax.block_until_ready(teachers)
       self._evaluate("fedavg_post", teachers)
       if self.cfg.get("fedavg_post2x", False):  # the ablation: twice the post-training budget
         post = self.w["setup"].post
         twice = dataclasses.replace(setup, post=dataclasses.replace(post, steps=2 * post.steps))
-        longer = jax.jit(tapjax.post_train(twice))(final_global, w["frozen"], w["train"], hp, w["root"])
+        post2x = jax.jit(tapjax.post_train(twice))
+        longer = self._per_client(twice.post, lambda d: post2x(final_global, w["frozen"], d, hp, w["root"]))
         self._evaluate("fedavg_post2x", longer)
       p.stage = "distill"
       self._checkpoint(stop, boundary=True)
     if p.stage == "distill":
-      personal = dist(tap_state.personal, self.arrays["teachers"], w["frozen"], w["train"], hp, w["root"])
+      personal = self._per_client(
+        setup.post,
+        lambda d, s, t: dist(s, t, w["frozen"], d, hp, w["root"]),
+        tap_state.personal,
+        self.arrays["teachers"],
+      )
       self._evaluate("tap", personal)
       p.stage = "distill_no_kd"
       self._checkpoint(stop, boundary=True)
     if p.stage == "distill_no_kd":
       no_kd = hp._replace(kd_weight=jnp.zeros_like(hp.kd_weight))
-      personal = dist(tap_state.personal, self.arrays["teachers"], w["frozen"], w["train"], no_kd, w["root"])
+      personal = self._per_client(
+        setup.post,
+        lambda d, s, t: dist(s, t, w["frozen"], d, no_kd, w["root"]),
+        tap_state.personal,
+        self.arrays["teachers"],
+      )
       self._evaluate("tap_no_kd", personal)
       p.stage = "done"
     if self.store is not None:
@@ -543,7 +613,10 @@ class Experiment:
     final = tapjax.final_global(setup, self.arrays.pop("disentafl"))
     self._evaluate("disentafl", _stack(final, n))
     post = jax.jit(tapjax.post_train(self.disentafl_setup))
-    self._evaluate("disentafl_post", post(final, self.frozen["disentafl"], w["train"], w["hp"], w["root"]))
+    frozen = self.frozen["disentafl"]
+    self._evaluate(
+      "disentafl_post", self._per_client(setup.post, lambda d: post(final, frozen, d, w["hp"], w["root"]))
+    )
 
   def _results(self) -> dict:
     fed, p = self.w["fed"], self.progress

@@ -51,6 +51,7 @@ AT_LEAST = {
   "target_len": 2,
   "map_batch": 0,
   "max_train_per_client": 0,
+  "chunk_clients": 0,
   "checkpoint_every": 1,
   "keep_checkpoints": 1,
 }
@@ -72,7 +73,14 @@ LEARNING_RATES = ("lr_min", "lr_peak", "post_lr")
 
 # Keys that change how a run executes or what it writes, never its numbers: they may
 # differ between a run and its resumption.
-EXECUTION_ONLY = ("compilation_cache", "plots", "checkpoint_every", "keep_checkpoints")
+EXECUTION_ONLY = (
+  "compilation_cache",
+  "plots",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "stream",  # the host-fed pipeline trains on the same batches (tests/test_resume.py)
+  "chunk_clients",
+)
 
 # What the experiment writes to its workdir (``--overwrite`` removes exactly these).
 OUTPUTS = (

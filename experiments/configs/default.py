@@ -67,6 +67,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # see benchmarks.run section b for vmap vs map on this machine
   c.map_batch = 0  # clients per lax.map step (0 = one at a time)
   c.eval_batch = 32
+  # The host-fed input pipeline: the examples stay in host memory and each round sends the
+  # device only its cohort's batches (tapjax.data.stream; same results as the dense
+  # federation on the device). For federations too large for the accelerator.
+  c.stream = False
+  c.chunk_clients = 0  # host-fed: clients per stage-2 / evaluation call (0 = all at once)
   # BERTScore-F1 of the text answers ("" = off; "minilm" = the offline MiniLM; else a
   # local checkpoint folder or a hub name in the local cache, e.g. bert-base-uncased).
   # METEOR (exact + stem matching, + WordNet synonyms when NLTK's data is present) always runs.

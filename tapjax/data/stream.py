@@ -175,14 +175,24 @@ class HostFeed:
     purposes: Iterable[int] = federation.STAGE2_PURPOSES,
   ) -> Iterator[tuple[np.ndarray, federation.CohortData]]:
     """Stage 2 over every client, ``size`` at a time: ``(rows, data)`` per chunk, where
-    ``rows`` are the chunk's real clients (the last chunk repeats its last client to
-    keep the compiled shape; drop the result rows past ``len(rows)``)."""
-    if size <= 0:
-      raise ValueError(f"chunk size must be positive, got {size}")
-    for start in range(0, self.num_clients, size):
-      rows = np.arange(start, min(start + size, self.num_clients), dtype=np.int32)
-      ids = np.concatenate([rows, np.full(size - len(rows), rows[-1], np.int32)])
+    ``rows`` are the chunk's real clients (see :func:`chunk_ids`; drop the result rows
+    past ``len(rows)``)."""
+    for ids in chunk_ids(self.num_clients, size):
+      rows = np.unique(ids)
       yield rows, self.data(ids, root, cfg, purposes, Stage.POST, 0)
 
 
-__all__ = ["HostFeed", "Purpose", "draw_plan"]
+def chunk_ids(num_clients: int, size: int) -> list[np.ndarray]:
+  """``[size]`` client ids per chunk, in order; the last chunk repeats its last client so
+  that every call has one shape (one compiled program): of the concatenated results
+  keep the first ``num_clients`` rows."""
+  if size <= 0:
+    raise ValueError(f"chunk size must be positive, got {size}")
+  out = []
+  for start in range(0, num_clients, size):
+    rows = np.arange(start, min(start + size, num_clients), dtype=np.int32)
+    out.append(np.concatenate([rows, np.full(size - len(rows), rows[-1], np.int32)]))
+  return out
+
+
+__all__ = ["HostFeed", "Purpose", "chunk_ids", "draw_plan"]

@@ -336,8 +336,9 @@ def test_missing_data_fails_fast_before_loading_anything(backbone, first, tmp_pa
 
 def test_one_round_of_tap_and_of_disentafl_on_the_paper_federation(built):
   """The experiment's world (``experiments.run.build``: tiny backbone, the paper federation
-  as given) trains: one TAP round and one DisentAFL round, finite, the global model moves,
-  TAP replaces every task its cohort trained (a first visit always copies)."""
+  as given, the host-fed pipeline as the paper configs run it) trains: one TAP round and
+  one DisentAFL round on their host-drawn batches, finite, the global model moves, TAP
+  replaces every task its cohort trained (a first visit always copies)."""
   import jax
 
   import tapjax
@@ -347,11 +348,13 @@ def test_one_round_of_tap_and_of_disentafl_on_the_paper_federation(built):
   fed, _ = built["flava"]
   cfg = tiny.get_config()
   cfg.federation, cfg.image_size, cfg.text_len, cfg.target_len = "paper_flava", S, LT, LA
+  cfg.stream = True
   w = run.build(cfg, fed=fed)
-  assert np.array_equal(np.asarray(w["train"].weights), fed.weights)
+  feed = w["feed"]
+  assert w["train"] is None and np.array_equal(feed.weights, fed.weights)
   # holders follow the examples: MMLU (text only, 3 domains) under the image+text
   # text-generation head holds no image component and no VQA domain expert
-  names, held = w["cm"].names, np.asarray(w["train"].holders)
+  names, held = w["cm"].names, feed.holders
   has = lambda client: {names[i] for i in np.flatnonzero(held[fed.client_names.index(client)])}
   mmlu, vqa = has("g0p6"), has("g0p4")
   assert "encoder/text" in mmlu and not any("image" in n for n in mmlu), sorted(mmlu)
@@ -363,8 +366,18 @@ def test_one_round_of_tap_and_of_disentafl_on_the_paper_federation(built):
   finite = lambda t: all(bool(np.isfinite(x).all()) for x in leaves(t))
 
   tap = tapjax.tap(w["setup"])
+  data = feed.round(w["root"], 0, cfg.cohort_size, w["setup"].local, tap.purposes)
+  draws = cfg.local_steps * cfg.accum
+  assert data.batches[int(tapjax.rng.Purpose.GLOBAL_DATA)]["image"].shape == (
+    2,
+    draws,
+    cfg.batch_size,
+    S,
+    S,
+    3,
+  )
   state, info = jax.jit(tap.round)(
-    jax.jit(tap.init, static_argnums=1)(w["params"], 30), w["frozen"], w["train"], w["hp"], w["root"]
+    jax.jit(tap.init, static_argnums=1)(w["params"], 30), w["frozen"], data, w["hp"], w["root"]
   )
   assert finite(state.server.params) and finite(state.personal)
   assert moved(state.server.params, w["params"]) > 0
@@ -378,8 +391,9 @@ def test_one_round_of_tap_and_of_disentafl_on_the_paper_federation(built):
   d_setup = tapjax.disentafl_setup(w["setup"], model.apply_with_latents, model.num_latent_groups)
   alg = tapjax.fedavg(d_setup)
   frozen = tapjax.OrthoFrozen.create(w["frozen"], 0.5)
+  d_data = feed.round(w["root"], 0, cfg.cohort_size, w["setup"].local, alg.purposes)
   d_state, d_info = jax.jit(alg.round)(
-    jax.jit(alg.init, static_argnums=1)(w["params"], 30), frozen, w["train"], w["hp"], w["root"]
+    jax.jit(alg.init, static_argnums=1)(w["params"], 30), frozen, d_data, w["hp"], w["root"]
   )
   assert finite(d_state.server.params) and np.isfinite(np.asarray(d_info.global_loss)).all()
   assert moved(d_state.server.params, w["params"]) > 0

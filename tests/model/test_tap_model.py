@@ -69,8 +69,13 @@ def batch_for(tasks, seed=0, domains=None):
 
 def randomize(params, seed=3):
   """Nonzero LoRA B factors so every trainable leaf gets a gradient where it is used."""
+  return _randomize(params, jax.random.key(seed))
+
+
+@jax.jit  # one program (eager, every leaf shape compiled its own)
+def _randomize(params, key):
   leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  keys = jax.random.split(key, len(leaves))
   return jax.tree_util.tree_unflatten(
     tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
   )
