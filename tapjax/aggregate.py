@@ -12,6 +12,7 @@ sharded over a mesh XLA lowers it to an all-reduce.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -28,8 +29,34 @@ class Aggregate(NamedTuple):
   sent: jax.Array  # [components] bool: at least one holder with positive weight
 
 
+SUMS = ("unrolled", "reduce")
+UNROLL_MAX = 32  # larger cohorts sum in a loop of UNROLL_MAX-client unrolled steps
+
+
+def _weighted_sum(wi: jax.Array, x: jax.Array, how: str) -> jax.Array:
+  """``sum_c wi[c] * x[c]`` over the leading clients axis (``wi`` broadcast against ``x``).
+
+  ``"unrolled"``: one fused elementwise loop over the clients' slices: about 30 GB/s
+  on a 2-core CPU, where XLA:CPU's reduction over a leading axis reaches under 1 GB/s
+  (benchmarks section c). ``"reduce"``: ``jnp.sum(wi * x, 0)``, what XLA lowers to an
+  all-reduce when the clients axis is sharded over devices.
+  """
+  c = x.shape[0]
+  if how == "reduce":
+    return jnp.sum(wi * x, axis=0)
+  if c <= UNROLL_MAX:
+    return functools.reduce(jnp.add, [wi[i] * x[i] for i in range(c)])
+  body = lambda i, acc: acc + jnp.take(wi, i, axis=0) * jnp.take(x, i, axis=0)
+  return jax.lax.fori_loop(0, c, body, jnp.zeros(x.shape[1:], x.dtype), unroll=UNROLL_MAX)
+
+
 def masked_mean(
-  stacked: PyTree, held: jax.Array, weights: jax.Array, leaf_ids: PyTree, fallback: PyTree
+  stacked: PyTree,
+  held: jax.Array,
+  weights: jax.Array,
+  leaf_ids: PyTree,
+  fallback: PyTree,
+  sum_over_clients: str = "unrolled",
 ) -> Aggregate:
   """Holder-masked weighted mean over the leading clients axis.
 
@@ -40,7 +67,11 @@ def masked_mean(
     leaf_ids: pytree of component ids (ints, or int arrays for stacked leaves),
       structured like one client's params.
     fallback: unstacked pytree used where a component was sent by nobody.
+    sum_over_clients: ``"unrolled"`` (one device; the fastest on CPU) or ``"reduce"``
+      (clients sharded over devices: an all-reduce), see :func:`_weighted_sum`.
   """
+  if sum_over_clients not in SUMS:
+    raise ValueError(f"unknown sum_over_clients {sum_over_clients!r}; choose one of {SUMS}")
   w = held.astype(jnp.float32) * weights.astype(jnp.float32)[:, None]  # [clients, components]
   total = jnp.sum(w, axis=0)  # [components]
   sent = total > 0
@@ -48,7 +79,7 @@ def masked_mean(
 
   def leaf(ids, x, fb):
     wi = components.broadcast_to_leaf(components.per_leaf(w, ids).astype(x.dtype), x)
-    mean = jnp.sum(wi * x, axis=0)  # one fused multiply-reduce over [clients]
+    mean = _weighted_sum(wi, x, sum_over_clients)
     return jnp.where(components.broadcast_to_leaf(components.per_leaf(sent, ids), fb), mean, fb)
 
   return Aggregate(jax.tree_util.tree_map(leaf, leaf_ids, stacked, fallback), sent)

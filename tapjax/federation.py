@@ -441,7 +441,8 @@ def _aggregate(
   its rows are zeroed so that a NaN cannot leak through a zero weight)."""
   trained = _keep_rows(ok, trained, jax.tree_util.tree_map(jnp.zeros_like, trained))
   held = c.held & ok[:, None]
-  agg = aggregate.masked_mean(trained, held, c.weights, setup.leaf_ids, state.server.params)
+  how = "reduce" if setup.client_map.strategy == "shard" else "unrolled"  # sharded: an all-reduce
+  agg = aggregate.masked_mean(trained, held, c.weights, setup.leaf_ids, state.server.params, how)
   return aggregate.server_update(state.server, agg, setup.leaf_ids, setup.server_optimizer)
 
 

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import tapjax
 from tapjax.sharding import client_mesh, place_clients
@@ -58,3 +59,29 @@ def test_sharded_over_8_devices_equals_single_device():
   assert len(jax.tree_util.tree_leaves(stacked)[0].sharding.device_set) == 1
   assert len(place_clients(stacked, mesh)["a"].sharding.device_set) == 8
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), single, sharded)
+
+
+@pytest.mark.parametrize("clients", [3, 40])  # 40 > UNROLL_MAX: the looped sum
+@pytest.mark.parametrize("how", tapjax.aggregate.SUMS)
+def test_every_sum_over_clients_is_the_weighted_mean(how, clients):
+  """Each way of summing over clients equals a numpy weighted mean per slot of a
+  stacked leaf (slot j of ``a`` is component j) and of a one-component leaf."""
+  rng = np.random.default_rng(1)
+  stacked = {
+    "a": rng.normal(size=(clients, 2, 3, 4)).astype(np.float32),
+    "b": rng.normal(size=(clients, 5)).astype(np.float32),
+  }
+  held = rng.random((clients, 3)) > 0.3
+  held[0] = True  # every component sent
+  w = rng.integers(1, 50, clients).astype(np.float32)
+  ids = {"a": np.array([0, 1]), "b": 2}
+  fb = {"a": np.zeros((2, 3, 4), np.float32), "b": np.zeros(5, np.float32)}
+  got = jax.jit(lambda s: tapjax.masked_mean(s, held, w, ids, fb, how).mean)(stacked)
+  for j in range(2):
+    cw = w * held[:, j]
+    want = np.einsum("c,cij->ij", cw, stacked["a"][:, j].astype(np.float64)) / cw.sum()
+    np.testing.assert_allclose(got["a"][j], want, rtol=1e-5, atol=1e-6)
+  cw = w * held[:, 2]
+  np.testing.assert_allclose(got["b"], cw @ stacked["b"].astype(np.float64) / cw.sum(), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="unknown sum_over_clients 'mean'"):
+    tapjax.masked_mean(stacked, held, w, ids, fb, "mean")

@@ -217,13 +217,14 @@ def test_evaluate_returns_per_example_predictions(world):
 
 def test_aggregation_weights_default_to_num_examples(world):
   """``FedData.weights`` (a capped client's real size) replaces ``num_examples`` as the
-  aggregation weight only: equal to it gives the same round bit for bit; other weights
-  move the global model, not the training."""
+  aggregation weight only: equal to it gives the same round (to float rounding: the two
+  programs may fuse the weighted sum differently); other weights move the global model,
+  not the training."""
   data = world["data"]
   alg = tapjax.fedavg(world["setup"])
   base, info = run(alg, world, rounds=1)
   same, _ = run(alg, world, rounds=1, data=data._replace(weights=data.num_examples))
-  assert_tree_close(base.server.params, same.server.params, tol=0)
+  assert_tree_close(base.server.params, same.server.params, tol=1e-6)
   skew = data.num_examples.at[info[0].clients[0]].multiply(50)
   other, info2 = run(alg, world, rounds=1, data=data._replace(weights=skew))
   np.testing.assert_array_equal(np.asarray(info[0].global_loss), np.asarray(info2[0].global_loss))
