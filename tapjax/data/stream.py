@@ -115,6 +115,8 @@ class HostFeed:
     """The :class:`tapjax.CohortData` of clients ``ids``: their batches for each of
     ``purposes``, drawn with the keys of ``(stage, round_)``."""
     purposes = tuple(int(p) for p in purposes)
+    if not purposes:
+      raise ValueError("no data purposes to draw batches for: pass the algorithm's Algorithm.purposes")
     ids = np.asarray(ids, np.int32)
     plan = draw_plan(
       root,

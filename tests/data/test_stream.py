@@ -19,18 +19,18 @@ import toy
 
 @pytest.fixture(scope="module")
 def world():
-  setup = toy.make_setup(cohort_size=2)[0]
+  # the toy setup and data of test_federation / test_oracle: their dense round programs
+  # are in the session's XLA cache already
+  setup = toy.make_setup()[0]
   data = toy.make_data()
   host = {k: np.asarray(v) for k, v in data.examples.items()}
   held = np.asarray(federation.client_holders(setup, data))
-  # weights other than the counts, to see them travel with the cohort
-  weights = np.asarray(data.num_examples, np.float32) * np.array([1, 2, 3, 4, 5], np.float32)
   return dict(
     setup=setup,
     params=toy.init_params(jax.random.key(0)),
     frozen=toy.frozen_params(jax.random.key(1)),
-    data=data._replace(weights=jnp.asarray(weights)),
-    feed=HostFeed(host, data.num_examples, data.client_tasks, held, weights),
+    data=data,
+    feed=HostFeed(host, data.num_examples, data.client_tasks, held),
     root=jax.random.key(3),
     hp=tapjax.HParams.create(toy.T, margin=[0.01, 0.005, 0.01], lr_peak=3e-2, lr_min=1e-2, warmup_rounds=2),
   )
@@ -48,7 +48,7 @@ def test_rounds_on_host_batches_equal_the_dense_rounds(world, make):
   fn = jax.jit(alg.round)
   dense = fed = alg.init(world["params"], 5)
   rounds = range(3)
-  feed = world["feed"].rounds(world["root"], rounds, 2, world["setup"].local, alg.purposes)
+  feed = world["feed"].rounds(world["root"], rounds, 3, world["setup"].local, alg.purposes)
   for r, cohort in zip(rounds, feed):
     dense, info_d = fn(dense, world["frozen"], world["data"], world["hp"], world["root"])
     fed, info_f = fn(fed, world["frozen"], cohort, world["hp"], world["root"])
@@ -62,13 +62,13 @@ def test_rounds_on_host_batches_equal_the_dense_rounds(world, make):
 def test_tap_draws_both_purposes_and_a_missing_one_is_named(world):
   assert tapjax.tap(world["setup"]).purposes == (Purpose.GLOBAL_DATA, Purpose.PERSONAL_DATA)
   alg = tapjax.tap(world["setup"])
-  only_global = world["feed"].round(world["root"], 0, 2, world["setup"].local, [Purpose.GLOBAL_DATA])
+  only_global = world["feed"].round(world["root"], 0, 3, world["setup"].local, [Purpose.GLOBAL_DATA])
   with pytest.raises(ValueError, match="PERSONAL_DATA"):
     jax.eval_shape(
       alg.round, alg.init(world["params"], 5), world["frozen"], only_global, world["hp"], world["root"]
     )
-  wrong_size = world["feed"].data([0, 1, 2], world["root"], world["setup"].local, alg.purposes)
-  with pytest.raises(ValueError, match="3 clients where a round of cohort_size=2 needs 2"):
+  wrong_size = world["feed"].data([0, 1], world["root"], world["setup"].local, alg.purposes)
+  with pytest.raises(ValueError, match="2 clients where a round of cohort_size=3 needs 3"):
     jax.eval_shape(
       alg.round, alg.init(world["params"], 5), world["frozen"], wrong_size, world["hp"], world["root"]
     )
@@ -97,11 +97,17 @@ def test_stage2_in_chunks_equals_the_dense_calls(world):
 
 def test_the_device_receives_only_the_drawn_batches(world):
   cfg = world["setup"].local  # 3 steps x accum 2 x batch 8
-  d = world["feed"].round(world["root"], 4, 2, cfg, (Purpose.GLOBAL_DATA, Purpose.PERSONAL_DATA))
+  d = world["feed"].round(world["root"], 4, 3, cfg, (Purpose.GLOBAL_DATA, Purpose.PERSONAL_DATA))
   for p in (Purpose.GLOBAL_DATA, Purpose.PERSONAL_DATA):
-    assert d.batches[int(p)]["x"].shape == (2, cfg.steps * cfg.accum, cfg.batch_size, toy.D)
-  np.testing.assert_array_equal(d.ids, federation.sample_cohort(world["root"], 4, 5, 2))
-  np.testing.assert_array_equal(d.weights, np.asarray(world["data"].weights)[np.asarray(d.ids)])
+    assert d.batches[int(p)]["x"].shape == (3, cfg.steps * cfg.accum, cfg.batch_size, toy.D)
+  np.testing.assert_array_equal(d.ids, federation.sample_cohort(world["root"], 4, 5, 3))
+  np.testing.assert_array_equal(d.weights, np.asarray(world["data"].num_examples)[np.asarray(d.ids)])
+  weights = np.arange(1, 6, dtype=np.float32)  # other weights travel with the cohort
+  w = world["feed"]
+  other = HostFeed(w.examples, w.num_examples, w.client_tasks, w.holders, weights)
+  np.testing.assert_array_equal(
+    other.round(world["root"], 4, 3, cfg, (1,)).weights, weights[np.asarray(d.ids)]
+  )
 
 
 def test_drawn_indices_are_the_dense_calls_batches(world):
@@ -140,5 +146,7 @@ def test_host_feed_names_bad_input(world):
     HostFeed(ex, np.asarray(n) + 20, tasks, held)
   with pytest.raises(ValueError, match="num_examples has 4 clients, examples 5"):
     HostFeed(ex, np.asarray(n)[:4], tasks, held)
+  with pytest.raises(ValueError, match="no data purposes"):
+    world["feed"].round(world["root"], 0, 3, world["setup"].local, ())
   with pytest.raises(ValueError, match="chunk size must be positive"):
     next(world["feed"].chunks(0, world["root"], world["setup"].post))
