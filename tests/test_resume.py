@@ -1,6 +1,9 @@
 """Pre-emption and resume of ``experiments.tap``: SIGTERM in stage 1, then SIGKILL in
 stage 1 and in stage 2, each followed by a rerun of the same command; the final
-results equal the uninterrupted run's exactly. And the workdirs a rerun must refuse:
+results equal the uninterrupted run's exactly. The last two reruns switch to the
+host-fed input pipeline (``--config.stream``, an execution-only key a resume may
+change; stage 2 and evaluation in chunks of 4 clients): the same equality shows that
+it trains on the dense federation's batches (rounds, stage 2 and evaluation). And the workdirs a rerun must refuse:
 another config, a checkpoint that does not match the model, a damaged checkpoint."""
 
 import json
@@ -15,6 +18,7 @@ import pytest
 import tap_runs
 
 LINE = re.compile(r"checkpoint step (\d+): (.*)")
+HOST_FED = ("--config.stream=True", "--config.chunk_clients=4")
 
 
 def finish(proc, lines, timeout=300):
@@ -52,16 +56,17 @@ def interrupted_runs(wd: pathlib.Path) -> dict:
   proc.kill()
   proc.wait()
 
-  # 3. The rerun resumes in stage 1 again; SIGKILL it in stage 2. A save waits for the
-  # one before it, so once the second stage-2 save is queued the first is complete.
-  proc, lines = tap_runs.start(wd), []
+  # 3. The rerun (host-fed from here on) resumes in stage 1 again; SIGKILL it in stage 2.
+  # A save waits for the one before it, so once the second stage-2 save is queued the
+  # first is complete.
+  proc, lines = tap_runs.start(wd, *HOST_FED), []
   rec["kill2_resumed"] = resumed_at(tap_runs.read_until(proc, "resumed from", lines))
   tap_runs.read_until(proc, "stage 2 distillation done", lines)
   proc.kill()
   proc.wait()
 
   # 4. The last rerun resumes in stage 2 and finishes.
-  proc, lines = tap_runs.start(wd), []
+  proc, lines = tap_runs.start(wd, *HOST_FED), []
   rec["final_out"] = finish(proc, lines)
   rec["final_rc"] = proc.returncode
   return rec
@@ -116,7 +121,9 @@ def test_sigterm_then_kills_resume_to_the_uninterrupted_results():
 
   assert tap_runs.results(wd) == tap_runs.results(base_wd)
   assert (wd / "metrics.jsonl").read_text() == (base_wd / "metrics.jsonl").read_text()
-  assert json.loads((wd / "config.json").read_text()) == json.loads((base_wd / "config.json").read_text())
+  config = json.loads((wd / "config.json").read_text())
+  assert (config["stream"], config["chunk_clients"]) == (True, 4)  # the last run's
+  assert {**config, "stream": False, "chunk_clients": 0} == json.loads((base_wd / "config.json").read_text())
   leftovers = [p.name for p in (wd / "checkpoints").iterdir() if "tmp" in p.name]
   assert not leftovers, leftovers
 
