@@ -150,3 +150,16 @@ def test_host_feed_names_bad_input(world):
     world["feed"].round(world["root"], 0, 3, world["setup"].local, ())
   with pytest.raises(ValueError, match="chunk size must be positive"):
     next(world["feed"].chunks(0, world["root"], world["setup"].post))
+
+
+def test_memory_mapped_examples_give_the_same_round(world, tmp_path):
+  """``np.load(mmap_mode="r")`` arrays serve as the host store (only drawn rows are read)."""
+  w = world["feed"]
+  maps = {}
+  for k, v in w.examples.items():
+    np.save(tmp_path / f"{k}.npy", v)
+    maps[k] = np.load(tmp_path / f"{k}.npy", mmap_mode="r")
+  mapped = HostFeed(maps, w.num_examples, w.client_tasks, w.holders)
+  cfg, purposes = world["setup"].local, tapjax.tap(world["setup"]).purposes
+  a, b = w.round(world["root"], 2, 3, cfg, purposes), mapped.round(world["root"], 2, 3, cfg, purposes)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
