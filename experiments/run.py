@@ -35,8 +35,6 @@ from experiments.validate import UserError
 from tapjax.data import load_tokenizer, make_embedded_federation
 from tapjax.data.stream import HostFeed, chunk_ids
 from tapjax.data.tasks import TaskKind
-from tapjax.federation import STAGE2_PURPOSES
-from tapjax.rng import Stage
 from tapjax.model import tap as tap_model
 from tapjax.model.sizes import SIZES
 
@@ -492,13 +490,8 @@ class Experiment:
     if w["feed"] is None:
       return fn(w["train"], *stacked)
     n = w["feed"].num_clients
-    parts = [
-      fn(
-        w["feed"].data(ids, w["root"], post_cfg, STAGE2_PURPOSES, Stage.POST),
-        *(_gather(s, ids) for s in stacked),
-      )
-      for ids in chunk_ids(n, _chunk(self.cfg, n))
-    ]
+    chunks = w["feed"].chunks(_chunk(self.cfg, n), w["root"], post_cfg)
+    parts = [fn(data, *(_gather(s, data.ids) for s in stacked)) for _, data in chunks]
     return _concat(parts, n)
 
   def _rounds(self, name: str, log, stop):
