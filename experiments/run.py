@@ -559,10 +559,25 @@ class Experiment:
     # the same compiled distillation program.
     tap_state = self.arrays["tap"]
     dist = jax.jit(tapjax.distill_personal(setup))
+    # The dropout purpose is an array, so that every stage-2 call is the same program.
+    purpose = lambda x: jnp.asarray(int(x), jnp.int32)
     if p.stage == "post":
       final_global = tapjax.final_global(setup, tap_state)
-      post = jax.jit(tapjax.post_train(setup))
-      teachers = self._per_client(setup.post, lambda d: post(final_global, w["frozen"], d, hp, w["root"]))
+      if setup.client_map.strategy == "map":
+        # Post-training is the distillation program with lambda = 0 (its teacher's forward
+        # pass skipped by a real lax.cond) and the teacher's dropout keys: one compiled
+        # program for all of stage 2 instead of two (a test checks it equals post_train).
+        no_kd = hp._replace(kd_weight=jnp.zeros_like(hp.kd_weight))
+        teachers = self._per_client(
+          setup.post,
+          lambda d, g: dist(
+            g, g, w["frozen"], d, no_kd, w["root"], purpose(tapjax.rng.Purpose.TEACHER_DROPOUT)
+          ),
+          _stack(final_global, n),
+        )
+      else:  # under vmap a cond runs both branches: post-training keeps its own program
+        post = jax.jit(tapjax.post_train(setup))
+        teachers = self._per_client(setup.post, lambda d: post(final_global, w["frozen"], d, hp, w["root"]))
       self.arrays["teachers"] = jax.block_until_ready(teachers)
       self._evaluate("fedavg_post", teachers)
       if self.cfg.get("fedavg_post2x", False):  # the ablation: twice the post-training budget
@@ -576,7 +591,9 @@ class Experiment:
     if p.stage == "distill":
       personal = self._per_client(
         setup.post,
-        lambda d, s, t: dist(s, t, w["frozen"], d, hp, w["root"]),
+        lambda d, s, t: dist(
+          s, t, w["frozen"], d, hp, w["root"], purpose(tapjax.rng.Purpose.STUDENT_DROPOUT)
+        ),
         tap_state.personal,
         self.arrays["teachers"],
       )
@@ -587,7 +604,9 @@ class Experiment:
       no_kd = hp._replace(kd_weight=jnp.zeros_like(hp.kd_weight))
       personal = self._per_client(
         setup.post,
-        lambda d, s, t: dist(s, t, w["frozen"], d, no_kd, w["root"]),
+        lambda d, s, t: dist(
+          s, t, w["frozen"], d, no_kd, w["root"], purpose(tapjax.rng.Purpose.STUDENT_DROPOUT)
+        ),
         tap_state.personal,
         self.arrays["teachers"],
       )

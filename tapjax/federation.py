@@ -724,11 +724,18 @@ def post_train(setup: Setup) -> Callable[..., PyTree]:
 
 
 def distill_personal(setup: Setup) -> Callable[..., PyTree]:
-  """``(personal, teachers, frozen, data, hparams, root) -> [clients, ...]``: TAP stage 2.
-  Each personal model fine-tunes on the same batches as its teacher with task loss +
-  ``kd_weight[task]`` * KD(teacher || student). ``kd_weight = 0`` is "TAP without KD"
+  """``(personal, teachers, frozen, data, hparams, root[, dropout_purpose]) -> [clients, ...]``:
+  TAP stage 2. Each personal model fine-tunes on the same batches as its teacher with task
+  loss + ``kd_weight[task]`` * KD(teacher || student). ``kd_weight = 0`` is "TAP without KD"
   (same compiled program). With a :class:`CohortData` ``data`` (a chunk of clients),
-  ``personal`` and ``teachers`` are that chunk's rows ``[chunk, ...]``."""
+  ``personal`` and ``teachers`` are that chunk's rows ``[chunk, ...]``.
+
+  ``dropout_purpose`` (default ``Purpose.STUDENT_DROPOUT``; may be a traced int) names the
+  dropout keys. With ``kd_weight = 0``, ``teachers`` ignored and
+  ``Purpose.TEACHER_DROPOUT``, the call is :func:`post_train` on ``personal`` (the same
+  values to float rounding: the teacher's forward pass is skipped by a ``lax.cond``), so
+  one compiled program can serve all of stage 2 where the cond is a real branch
+  (``ClientMap("map")``; under ``vmap`` both branches run)."""
 
   def run(
     personal: PyTree,
@@ -737,6 +744,7 @@ def distill_personal(setup: Setup) -> Callable[..., PyTree]:
     data: FedData | CohortData,
     hp: HParams,
     root: jax.Array,
+    dropout_purpose: jax.Array | int = Purpose.STUDENT_DROPOUT,
   ):
     ids, examples, num_examples, held = _stage2_rows(setup, data)
 
@@ -751,7 +759,7 @@ def distill_personal(setup: Setup) -> Callable[..., PyTree]:
         data_c,
         n,
         data_key,
-        key(Purpose.STUDENT_DROPOUT),
+        key(dropout_purpose),
         hp.post_lr,
         setup.post,
         hp.kd_weight,

@@ -50,9 +50,9 @@ def derive(
     stage: a :class:`Stage`.
     round_: round index (0 outside stage 1).
     client: *global* client id (not the position in a cohort); :data:`SERVER` for server keys.
-    purpose: a :class:`Purpose`.
+    purpose: a :class:`Purpose` (or a traced int scalar holding one).
   """
   key = jax.random.fold_in(root, int(stage))
   key = jax.random.fold_in(key, round_)
   key = jax.random.fold_in(key, client)
-  return jax.random.fold_in(key, int(purpose))
+  return jax.random.fold_in(key, purpose if isinstance(purpose, jax.Array) else int(purpose))

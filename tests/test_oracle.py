@@ -202,3 +202,17 @@ def test_stage2_post_train_and_distill_equal_oracle(world, runs):
   # KD changes the result, and post-training moves every held component
   assert not np.allclose(students["shared"]["w"], no_kd["shared"]["w"])
   assert not np.allclose(row(teachers, 0)["shared"]["w"], fed.global_["shared"]["w"])
+  # Post-training is the distillation program with lambda = 0 and the teacher's dropout
+  # keys (how the experiment runs stage 2 in one compiled program), purpose traced.
+  stacked = tapjax.federation.stack(state.server.params, len(toy.CLIENT_TASKS))
+  as_post = dist(
+    stacked,
+    stacked,
+    world["frozen"],
+    world["data"],
+    world["hp"]._replace(kd_weight=jnp.zeros(toy.T)),
+    world["root"],
+    jnp.asarray(int(tapjax.rng.Purpose.TEACHER_DROPOUT), jnp.int32),
+  )
+  for c in range(len(toy.CLIENT_TASKS)):
+    close(row(as_post, c), want_t[c])
