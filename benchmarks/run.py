@@ -41,7 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_list("sections", ["a", "b", "c", "d", "e", "f", "g"], "which tables to produce")
+flags.DEFINE_list(
+  "sections", ["a", "b", "c", "d", "e", "g"], "which tables to produce (f, the checkpoint cost, on request)"
+)
 flags.DEFINE_list("compats", ["reference"], "section a: compat modes to measure (reference, paper)")
 flags.DEFINE_integer("repeats", 2, "timed repeats per figure (after one warm-up)")
 flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "results" / "run.json"), "JSON output")
@@ -173,20 +175,24 @@ def section_a(repeats):
       times.append(time.perf_counter() - t)
     round_s = statistics.median(times[1:])
     print(f"  [{compat}] compile {compile_s:.1f} s, rounds {[round(x, 2) for x in times]}", flush=True)
-    # Stage 2 for every client: post-training (teacher) then distillation, per client.
-    post = jax.jit(tapjax.post_train(w["setup"]))
+    # Stage 2 per client, timed on the first client (the cost is per client): post-training
+    # (the teacher) then distillation, both through the one stage-2 program the experiment
+    # uses (post-training = lambda 0 with the teacher's dropout keys).
     dist = jax.jit(tapjax.distill_personal(w["setup"]))
-    g = tapjax.final_global(w["setup"], state)
-
-    # Stage 2 per client, timed on the first client (the cost is per client).
     n = 1
+    g = tapjax.federation.stack(tapjax.final_global(w["setup"], state), n)
     sub = jax.tree_util.tree_map(lambda x: x[:n], w["train"])
-    sub_args = (w["frozen"], sub, w["hp"], w["root"])
     personal = jax.tree_util.tree_map(lambda x: x[:n], state.personal)
-    post_c = post.lower(g, *sub_args).compile()
-    dist_c = dist.lower(personal, post_c(g, *sub_args), *sub_args).compile()
+    no_kd = w["hp"]._replace(kd_weight=jnp.zeros_like(w["hp"].kd_weight))
+    purpose = lambda x: jnp.asarray(int(x), jnp.int32)
+    teacher_p, student_p = (
+      purpose(tapjax.rng.Purpose.TEACHER_DROPOUT),
+      purpose(tapjax.rng.Purpose.STUDENT_DROPOUT),
+    )
+    dist_c = dist.lower(personal, g, w["frozen"], sub, w["hp"], w["root"], student_p).compile()
     t = time.perf_counter()  # one timed pass, compiled beforehand: 13 x 4 micro-batches per client
-    jax.block_until_ready(dist_c(personal, post_c(g, *sub_args), *sub_args))
+    teachers = dist_c(g, g, w["frozen"], sub, no_kd, w["root"], teacher_p)
+    jax.block_until_ready(dist_c(personal, teachers, w["frozen"], sub, w["hp"], w["root"], student_p))
     stage2_s = (time.perf_counter() - t) / n
     # Achieved matmul FLOP/s of one training micro-batch (value and gradient).
     model, frozen = w["model"], w["frozen"]
@@ -250,48 +256,47 @@ def section_a(repeats):
 
 
 def section_b(repeats):
+  import dataclasses
+
   import tapjax
   from experiments import run
   from tapjax import federation
 
   out, rows = [], []
   sizes = (1, 2, 8, 32)
+  # One federation and model for every row; only the Setup's cohort size and mapping change.
+  cfg = config(
+    backbone="tiny", num_groups=4, examples_per_task=32, image_size=16, local_steps=2, batch_size=8
+  )
+  w = run.build(cfg)
+  base = w["setup"]
+  args = (w["frozen"], w["train"], w["hp"], w["root"])
+  # A Python loop over clients, each a jitted one-client TAP step (compiled once for all
+  # sizes), then one jitted aggregation: what a straightforward port would do.
+  loss_fn = tapjax.supervised_loss(base.objective, w["frozen"])
+  one = jax.jit(
+    lambda start, personal, sl, cid, ex, n, tasks, held, lr, margin, root, r: federation.tap_client(
+      base, loss_fn, start, personal, sl, cid, ex, n, tasks, held, lr, margin, root, r
+    )
+  )
+  held_all = federation.client_holders(base, w["train"])
+  agg = jax.jit(
+    lambda st, uploads, held, n: federation.aggregate.masked_mean(
+      uploads, held, n, base.leaf_ids, st.server.params
+    )
+  )
   for k in sizes:
     row = {"cohort": k}
     for strategy in ("vmap", "map", "loop"):
-      cfg = config(
-        backbone="tiny",
-        num_groups=4,
-        examples_per_task=32,
-        image_size=16,
-        cohort_size=k,
-        local_steps=2,
-        batch_size=8,
-        client_map=strategy if strategy != "loop" else "map",
+      setup = dataclasses.replace(
+        base, cohort_size=k, client_map=tapjax.ClientMap(strategy if strategy != "loop" else "map")
       )
-      w = run.build(cfg)
-      setup = w["setup"]
       alg = tapjax.tap(setup)
       state = alg.init(w["params"], w["fed"].num_clients)
-      args = (w["frozen"], w["train"], w["hp"], w["root"])
       if strategy != "loop":
         fn = jax.jit(alg.round)
         row[strategy] = timed(lambda: fn(state, *args), repeats)
         continue
-      # A Python loop over clients, each a jitted one-client TAP step, then one jitted
-      # aggregation: what a straightforward port would do.
-      loss_fn = tapjax.supervised_loss(setup.objective, w["frozen"])
-      one = jax.jit(
-        lambda start, personal, sl, cid, ex, n, tasks, held, lr, margin, root, r: federation.tap_client(
-          setup, loss_fn, start, personal, sl, cid, ex, n, tasks, held, lr, margin, root, r
-        )
-      )
-      held_all = federation.client_holders(setup, w["train"])
-      agg = jax.jit(
-        lambda st, uploads, held, n: federation.aggregate.masked_mean(
-          uploads, held, n, setup.leaf_ids, st.server.params
-        )
-      )
 
       def loop_round():
         ids = [int(i) for i in federation.sample_cohort(w["root"], state.round, w["fed"].num_clients, k)]
