@@ -124,6 +124,19 @@ def matmul_peak(repeats) -> float:
   return 2 * 2048**3 / timed(lambda: f(a), repeats) / 1e9
 
 
+def microbatch(w, batch_size: int, repeats: int) -> tuple[float, float]:
+  """``(matmul FLOPs, median seconds)`` of one training micro-batch (value and gradient)
+  of a VQA client, whose examples run both token streams, so the counted FLOPs (both
+  branches of the stream's ``cond``) are the executed ones."""
+  model, frozen = w["model"], w["frozen"]
+  c = int(np.flatnonzero(np.asarray(w["fed"].client_pattern) == 4)[0])
+  batch = {k: v[c, :batch_size] for k, v in w["train"].examples.items()}
+  loss = lambda p, k: model.loss(model.apply(p, frozen, batch, k), batch).mean()
+  step = jax.jit(jax.value_and_grad(loss))
+  flops = dot_flops(jax.make_jaxpr(jax.value_and_grad(loss))(w["params"], w["root"]).jaxpr)
+  return flops, timed(lambda: step(w["params"], w["root"]), repeats)
+
+
 # ----------------------------------------------------------------------------- a
 
 
@@ -194,15 +207,7 @@ def section_a(repeats):
     teachers = dist_c(g, g, w["frozen"], sub, no_kd, w["root"], teacher_p)
     jax.block_until_ready(dist_c(personal, teachers, w["frozen"], sub, w["hp"], w["root"], student_p))
     stage2_s = (time.perf_counter() - t) / n
-    # Achieved matmul FLOP/s of one training micro-batch (value and gradient).
-    model, frozen = w["model"], w["frozen"]
-    # A VQA client: both token streams run, so the counted FLOPs are the executed ones.
-    c = int(np.flatnonzero(np.asarray(w["fed"].client_pattern) == 4)[0])
-    batch = {k: v[c, : cfg.batch_size] for k, v in w["train"].examples.items()}
-    loss = lambda p, k: model.loss(model.apply(p, frozen, batch, k), batch).mean()
-    step = jax.jit(jax.value_and_grad(loss))
-    flops = dot_flops(jax.make_jaxpr(jax.value_and_grad(loss))(w["params"], w["root"]).jaxpr)
-    step_s = timed(lambda: step(w["params"], w["root"]), repeats)
+    flops, step_s = microbatch(w, cfg.batch_size, repeats)
     gflops = flops / step_s / 1e9
     tokens = w["train"].examples["text"].shape[-1]
     rows.append(
@@ -572,13 +577,7 @@ def section_g(repeats):
   peak = matmul_peak(repeats)
   cfg = config()
   w = run.build(cfg)
-  model, frozen = w["model"], w["frozen"]
-  c = int(np.flatnonzero(np.asarray(w["fed"].client_pattern) == 4)[0])  # a VQA client
-  batch = {k: v[c, : cfg.batch_size] for k, v in w["train"].examples.items()}
-  loss = lambda p, k: model.loss(model.apply(p, frozen, batch, k), batch).mean()
-  step = jax.jit(jax.value_and_grad(loss))
-  flops = dot_flops(jax.make_jaxpr(jax.value_and_grad(loss))(w["params"], w["root"]).jaxpr)
-  step_s = timed(lambda: step(w["params"], w["root"]), repeats)
+  flops, step_s = microbatch(w, cfg.batch_size, repeats)
   gflops = flops / step_s / 1e9
   table(
     f"g. Default config's training micro-batch (MiniLM, batch {cfg.batch_size}, both streams; "
