@@ -41,7 +41,7 @@ def _make(compat):
   )
   model = M.TapModel(cfg)
   frozen = M.frozen_from_bert(M.random_bert_params(jax.random.key(0), BACKBONE), cfg)
-  # eager: the ops compiled for one compat serve the other (a jitted init compiles ~7 s per compat)
+  # jitted (one program per compat, about a second each: one random draw fills every leaf)
   params = M.init_trainable(jax.random.key(1), cfg)
   return cfg, model, frozen, params
 
@@ -686,3 +686,36 @@ def test_embedded_federation_holders_are_its_task_rows():
   fed = make_embedded_federation(examples_per_task=8, test_examples_per_task=2, image_size=16)
   got = M.client_holders(cfg, cm.names, M.examples_held(cfg, fed.train, fed.n_train))
   np.testing.assert_array_equal(got, tapjax.holders(fed.client_tasks, cm.usage))
+
+
+def test_init_draws_each_leaf_from_its_own_slice_with_the_stated_distribution():
+  """``init_trainable`` fills every random leaf from one draw: check the distributions
+  (dense kernels N(0, 1/fan_in), LoRA A uniform in +-1/sqrt(fan_in), LoRA B zero, layer
+  norms identity) and that leaves do not share values (each leaf its own slice)."""
+  cfg, _, _, params = make("paper")
+  e = cfg.width
+  kernel = np.asarray(params["shared_proj"]["kernel"])
+  assert abs(kernel.mean()) < 0.05 / math.sqrt(e)
+  np.testing.assert_allclose(kernel.std(), 1 / math.sqrt(e), rtol=0.1)
+  a = np.asarray(params["expert"]["in"]["a"])
+  bound = 1 / math.sqrt(e)
+  assert np.all(np.abs(a) <= bound) and np.abs(a).max() > 0.95 * bound
+  np.testing.assert_allclose(a.std(), bound / math.sqrt(3), rtol=0.1)
+  for lora in (params["expert"]["in"], params["block"]["q"], params["domain"]["v"]["out"]):
+    assert not np.any(np.asarray(lora["b"]))
+  assert np.all(np.asarray(params["block"]["ln1"]["scale"]) == 1)
+  assert not np.any(np.asarray(params["block"]["ln1"]["bias"]))
+  # no two random leaves start with the same values, and another key gives other values
+  firsts = [
+    np.asarray(x).ravel()[:8]
+    for x in (
+      params["block"]["q"]["a"],
+      params["block"]["v"]["a"],
+      params["expert"]["in"]["a"],
+      params["domain"]["q"]["in"]["a"],
+      params["domain"]["v"]["in"]["a"],
+    )
+  ]
+  assert all(not np.allclose(x, y) for i, x in enumerate(firsts) for y in firsts[i + 1 :])
+  other = M.init_trainable(jax.random.key(2), cfg)
+  assert not np.allclose(other["shared_proj"]["kernel"], kernel)
