@@ -489,18 +489,25 @@ def _fmix32(x):
   return x ^ (x >> 16)
 
 
-def hash_keep_mask(key: jax.Array, shape: tuple[int, ...], keep: float) -> jax.Array:
+def hash_keep_mask(seed: jax.Array, shape: tuple[int, ...], keep: float) -> jax.Array:
   """A ``shape`` bool mask, True with probability ``keep``, from a counter-based hash.
 
-  Two 32-bit seeds come from ``key`` (one threefry call); each element's bits are
-  ``fmix32(fmix32(index + seed0) ^ seed1)``. On CPU this is about 40x cheaper than
+  ``seed`` is two uint32 words (``[2]``, see :class:`_Keys`); each element's bits are
+  ``fmix32(fmix32(index + seed[0]) ^ seed[1])``. On CPU this is about 40x cheaper than
   ``jax.random.bernoulli`` (threefry per element), which made dropout cost as much as
   the fusion's matmuls. Statistically adequate for dropout, not for cryptography.
   """
-  seeds = jax.random.bits(key, (2,), jnp.uint32)
   idx = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-  bits = _fmix32(_fmix32(idx + seeds[0]) ^ seeds[1])
+  bits = _fmix32(_fmix32(idx + seed[0]) ^ seed[1])
   return bits < jnp.uint32(min(int(keep * 2.0**32), 2**32 - 1))
+
+
+def _mix_seed(seed: jax.Array, i) -> jax.Array:
+  """A child seed ``[2]`` (uint32) of ``seed [2]`` for the (possibly traced) integer ``i``."""
+  i = jnp.asarray(i).astype(jnp.uint32)
+  a = _fmix32(seed[0] ^ _fmix32(i + jnp.uint32(0x9E3779B9)))
+  b = _fmix32(seed[1] ^ _fmix32(a + i + jnp.uint32(0x7F4A7C15)))
+  return jnp.stack([a, b])
 
 
 def _dropout(x, rate, keys):
@@ -517,15 +524,46 @@ def _dropout(x, rate, keys):
 
 class _Keys:
   """Deterministic stream of dropout keys (``None`` in eval mode); ``rng`` picks how
-  masks are drawn (``"hash"`` or ``"jax"``, see :data:`DROPOUT_RNGS`)."""
+  masks are drawn (``"hash"`` or ``"jax"``, see :data:`DROPOUT_RNGS`).
 
-  def __init__(self, key, rng="hash"):
-    self.key, self.n, self.rng = key, 0, rng
+  With ``"jax"`` the stream's keys are ``fold_in(key, n)`` and masks come from
+  ``jax.random.bernoulli``. With ``"hash"`` the stream holds a ``[2]`` uint32 seed
+  (the root key's data) and every child is :func:`_mix_seed`, an integer hash: no
+  threefry anywhere in the forward pass. On XLA:CPU each threefry call lowers to its
+  own while loop, and the ~30 dropout sites per training step took a sixth of the
+  training program's compile time.
+  """
+
+  def __init__(self, key, rng="hash", *, seed=None):
+    self.rng, self.n = rng, 0
+    if seed is not None:  # an already derived hash seed
+      self.key = seed
+    elif key is None or rng != "hash":
+      self.key = key
+    else:
+      self.key = jax.random.key_data(key).reshape(-1)[-2:].astype(jnp.uint32)
+
+  def child(self, i) -> "_Keys":
+    """The independent stream number ``i`` (traced or static) below this one."""
+    if self.key is None:
+      return _Keys(None, self.rng)
+    if self.rng == "hash":
+      return _Keys(None, self.rng, seed=_mix_seed(self.key, i))
+    return _Keys(jax.random.fold_in(self.key, i), self.rng)
+
+  def split(self, n: int):
+    """``n`` independent streams' keys stacked on a leading axis (for ``vmap``)."""
+    if self.rng == "hash":  # children < 2^16, sites from 2^16, splits from 2^17: all distinct
+      return jax.vmap(lambda i: _mix_seed(self.key, i + 0x20000))(jnp.arange(n))
+    return jax.random.split(self.key, n)
 
   def __call__(self):
+    """The next key (``None`` in eval mode): a PRNG key, or a ``[2]`` hash seed."""
     if self.key is None:
       return None
     self.n += 1
+    if self.rng == "hash":
+      return _mix_seed(self.key, self.n + 0x10000)
     return jax.random.fold_in(self.key, self.n)
 
 
@@ -596,7 +634,7 @@ def _masked_mean(h, mask):
   return jnp.sum(h * w, axis=1)
 
 
-def _fuse(x, mask, modality, group, domain, params, frozen, cfg, key, with_latent=False):
+def _fuse(x, mask, modality, group, domain, params, frozen, cfg, keys, with_latent=False):
   """``[batch, E]``: the mean over the fusion paths of mean-pooled block outputs of
   one token stream per example; with ``with_latent``, ``([batch, E], latent [batch, E])``
   where ``latent`` is the modality -> task path's MoTE block output (after its
@@ -612,7 +650,10 @@ def _fuse(x, mask, modality, group, domain, params, frozen, cfg, key, with_laten
   Args:
     x: ``[batch, len, E]`` encoder tokens; mask ``[batch, len]`` (1 = real token).
     modality, group, domain: ``[batch]`` int ids (modality of this stream).
+    keys: this stream's dropout keys (:class:`_Keys`; layer ``j`` uses ``keys.child(j)``),
+      ``None`` for eval.
   """
+  keys = _Keys(None) if keys is None else keys
   shared_in, blk_t, exp_t = _path_tables(cfg)
   n_p, b = len(shared_in), x.shape[0]
   rows = lambda a: jnp.tile(a, (n_p,) + (1,) * (a.ndim - 1))  # [paths * batch, ...]
@@ -634,8 +675,7 @@ def _fuse(x, mask, modality, group, domain, params, frozen, cfg, key, with_laten
     blk_p = take(params["block"], bi)
     dom = take(params["domain"], bi, d_r)
     exp_p = take(params["expert"], ei)
-    keys = _Keys(None if key is None else jax.random.fold_in(key, j), cfg.dropout_rng)
-    h = _fusion_layer(h, mask_r, blk_p, dom["q"], dom["v"], exp_p, base, cfg, keys)
+    h = _fusion_layer(h, mask_r, blk_p, dom["q"], dom["v"], exp_p, base, cfg, keys.child(j))
     if not with_latent:
       return h, None
     rows_mt = slice(MODALITY_TASK_PATH * b, (MODALITY_TASK_PATH + 1) * b)
@@ -712,13 +752,16 @@ def _select(stacked, idx):
   return jnp.take_along_axis(stacked, idx.reshape((1, -1) + (1,) * (stacked.ndim - 2)), axis=0)[0]
 
 
-def _stacked_heads(fn, heads, z, key, rng="hash"):
+def _stacked_heads(fn, heads, z, keys):
   """``fn(head, z, keys)`` for every head of one kind (``heads`` leaves ``[heads, ...]``):
-  ``[heads, batch, ...]``, one traced head whatever the number of tasks."""
+  ``[heads, batch, ...]``, one traced head whatever the number of tasks. Head ``i`` draws
+  its dropout from ``keys.split(heads)[i]``."""
   n = jax.tree_util.tree_leaves(heads)[0].shape[0]
-  if key is None:
-    return jax.vmap(lambda h: fn(h, z, _Keys(None)))(heads)
-  return jax.vmap(lambda h, k: fn(h, z, _Keys(k, rng)))(heads, jax.random.split(key, n))
+  if keys.key is None:
+    return jax.vmap(lambda h: fn(h, z, keys))(heads)
+  hash_rng = keys.rng == "hash"
+  own = lambda k: _Keys(None, keys.rng, seed=k) if hash_rng else _Keys(k, keys.rng)
+  return jax.vmap(lambda h, k: fn(h, z, own(k)))(heads, keys.split(n))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -802,49 +845,41 @@ class TapModel:
     has_image, has_text = batch["has_image"], batch["has_text"]
     first = has_image[:, None]
     first_modality = jnp.where(has_image, 0, 1).astype(jnp.int32)  # index in MODALITIES
-    fused = _fuse(
-      jnp.where(first[..., None], image, text),
-      jnp.where(first, image_mask, text_mask),
-      first_modality,
-      group,
-      domain,
-      params,
-      frozen,
-      cfg,
-      keys(),
-      with_latents,
+    x1, m1 = jnp.where(first[..., None], image, text), jnp.where(first, image_mask, text_mask)
+    stream = lambda x, m, modality, i: _fuse(
+      x, m, modality, group, domain, params, frozen, cfg, keys.child(i), with_latents
     )  # [batch, E], or with_latents ([batch, E], the stream's latent [batch, E])
+    fused = stream(x1, m1, first_modality, 1)
     z, first_latent = fused if with_latents else (fused, None)
     lat, lat_modality, lat_valid = [first_latent], [first_modality], [jnp.ones((b,), bool)]
-    if self.multimodal:
+    if self.multimodal:  # the text stream of two-modality examples, when the batch has one
       both = has_image & has_text
-      k2 = keys()
       text_modality = jnp.ones((b,), jnp.int32)
+      zero = jnp.zeros_like(z)
       second = jax.lax.cond(
         jnp.any(both),
-        lambda: _fuse(text, text_mask, text_modality, group, domain, params, frozen, cfg, k2, with_latents),
-        lambda: (jnp.zeros_like(z), jnp.zeros_like(z)) if with_latents else jnp.zeros_like(z),
+        lambda: stream(text, text_mask, text_modality, 2),
+        lambda: (zero, zero) if with_latents else zero,
       )
-      if with_latents:
-        second, second_latent = second
-        lat.append(second_latent)
-        lat_modality.append(text_modality)
-        lat_valid.append(both)
+      second, second_latent = second if with_latents else (second, None)
       z = jnp.where(both[:, None], 0.5 * (z + second), z)
+      lat.append(second_latent)
+      lat_modality.append(text_modality)
+      lat_valid.append(both)
     out = {}
     heads = params["head"]
     sel = lambda stacked: _select(stacked, jnp.asarray(head_of)[task])
     if cls:
-      logits = sel(
-        _stacked_heads(lambda h, z_, k: _cls_head(h, z_, cfg, k), heads["cls"], z, keys(), cfg.dropout_rng)
-      )
+      logits = sel(_stacked_heads(lambda h, z_, k: _cls_head(h, z_, cfg, k), heads["cls"], z, keys.child(3)))
       valid = jnp.arange(logits.shape[-1]) < jnp.asarray(num_classes)[task][:, None]
       out["class_logits"] = jnp.where(valid, logits, -1e9)
     if img:
-      out["image"] = sel(_stacked_heads(lambda h, z_, k: _image_head(h, z_, cfg), heads["image"], z, None))
+      out["image"] = sel(
+        _stacked_heads(lambda h, z_, k: _image_head(h, z_, cfg), heads["image"], z, _Keys(None))
+      )
     if txt:
       out["token_logits"] = sel(
-        _stacked_heads(lambda h, z_, k: _text_head(h, z_, cfg, k), heads["text"], z, keys(), cfg.dropout_rng)
+        _stacked_heads(lambda h, z_, k: _text_head(h, z_, cfg, k), heads["text"], z, keys.child(4))
       )
     if not with_latents:
       return out

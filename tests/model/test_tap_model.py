@@ -1,5 +1,6 @@
 """The TAP model: components, parameter counts, routing, gradients, compat quirks."""
 
+import dataclasses
 import difflib
 import functools
 import math
@@ -719,3 +720,49 @@ def test_init_draws_each_leaf_from_its_own_slice_with_the_stated_distribution():
   assert all(not np.allclose(x, y) for i, x in enumerate(firsts) for y in firsts[i + 1 :])
   other = M.init_trainable(jax.random.key(2), cfg)
   assert not np.allclose(other["shared_proj"]["kernel"], kernel)
+
+
+def _primitives(jaxpr) -> set[str]:
+  """Names of every primitive in ``jaxpr`` and its sub-jaxprs (scan, cond, pjit, ...)."""
+  out = set()
+  for eqn in jaxpr.eqns:
+    out.add(eqn.primitive.name)
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          out |= _primitives(inner)
+  return out
+
+
+def test_hashed_dropout_draws_no_threefry_and_fresh_masks():
+  """With ``dropout_rng="hash"`` a training forward pass calls no threefry (on XLA:CPU each
+  call is its own while loop: about 90 of them, a sixth of the training program's compile
+  time); its masks still depend on the key, and one key repeats them exactly."""
+  cfg, model, frozen, params = make("paper")
+  batch = batch_for(list(range(len(TASKS))))
+  fwd = lambda m: jax.make_jaxpr(lambda k: m.apply(params, frozen, batch, k))(jax.random.key(7)).jaxpr
+  threefry = {"threefry2x32", "random_bits", "random_fold_in", "random_split"}
+  assert not threefry & _primitives(fwd(model))
+  jax_rng = M.TapModel(dataclasses.replace(cfg, dropout_rng="jax"))
+  assert {"random_fold_in", "random_bits"} <= _primitives(fwd(jax_rng))  # the check can see them
+  apply = jax.jit(model.apply)
+  logits = lambda k: np.asarray(apply(params, frozen, batch, k)["class_logits"])
+  same, again, other = logits(jax.random.key(7)), logits(jax.random.key(7)), logits(jax.random.key(8))
+  np.testing.assert_array_equal(same, again)
+  assert not np.allclose(same, other)
+  assert not np.allclose(same, np.asarray(apply(params, frozen, batch, None)["class_logits"]))
+
+
+def test_hash_seeds_are_distinct_and_keep_the_rate():
+  """Children, heads and successive sites of one dropout stream get distinct seeds, and a
+  mask keeps ``keep`` of its elements (to 0.5% over 10^5)."""
+  keys = M._Keys(jax.random.key(3))
+  seeds = [keys(), keys(), keys.child(0).key, keys.child(1).key, *keys.split(3)]
+  seeds += [keys.child(0).child(0).key, keys.child(1).child(0).key, keys.child(0)()]
+  as_tuples = {tuple(np.asarray(s).tolist()) for s in seeds}
+  assert len(as_tuples) == len(seeds)
+  mask = np.asarray(M.hash_keep_mask(seeds[0], (1000, 100), 0.9))
+  assert abs(mask.mean() - 0.9) < 0.005
+  other = np.asarray(M.hash_keep_mask(seeds[1], (1000, 100), 0.9))
+  assert 0.8 < (mask == other).mean() < 0.84  # independent: 0.9^2 + 0.1^2 = 0.82
