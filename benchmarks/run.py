@@ -132,7 +132,7 @@ def microbatch(w, batch_size: int, repeats: int) -> tuple[float, float]:
   c = int(np.flatnonzero(np.asarray(w["fed"].client_pattern) == 4)[0])
   batch = {k: v[c, :batch_size] for k, v in w["train"].examples.items()}
   loss = lambda p, k: model.loss(model.apply(p, frozen, batch, k), batch).mean()
-  step = jax.jit(jax.value_and_grad(loss))
+  step = w["jit"](jax.value_and_grad(loss))
   flops = dot_flops(jax.make_jaxpr(jax.value_and_grad(loss))(w["params"], w["root"]).jaxpr)
   return flops, timed(lambda: step(w["params"], w["root"]), repeats)
 
@@ -174,7 +174,7 @@ def section_a(repeats):
     w = run.build(cfg)
     alg = tapjax.tap(w["setup"])
     state0 = alg.init(w["params"], w["fed"].num_clients)
-    round_fn = jax.jit(alg.round)
+    round_fn = w["jit"](alg.round)
     args = (w["frozen"], w["train"], w["hp"], w["root"])
     t = time.perf_counter()
     compiled = round_fn.lower(state0, *args).compile()
@@ -191,7 +191,7 @@ def section_a(repeats):
     # Stage 2 per client, timed on the first client (the cost is per client): post-training
     # (the teacher) then distillation, both through the one stage-2 program the experiment
     # uses (post-training = lambda 0 with the teacher's dropout keys).
-    dist = jax.jit(tapjax.distill_personal(w["setup"]))
+    dist = w["jit"](tapjax.distill_personal(w["setup"]))
     n = 1
     g = tapjax.federation.stack(tapjax.final_global(w["setup"], state), n)
     sub = jax.tree_util.tree_map(lambda x: x[:n], w["train"])
@@ -279,13 +279,13 @@ def section_b(repeats):
   # A Python loop over clients, each a jitted one-client TAP step (compiled once for all
   # sizes), then one jitted aggregation: what a straightforward port would do.
   loss_fn = tapjax.supervised_loss(base.objective, w["frozen"])
-  one = jax.jit(
+  one = w["jit"](
     lambda start, personal, sl, cid, ex, n, tasks, held, lr, margin, root, r: federation.tap_client(
       base, loss_fn, start, personal, sl, cid, ex, n, tasks, held, lr, margin, root, r
     )
   )
   held_all = federation.client_holders(base, w["train"])
-  agg = jax.jit(
+  agg = w["jit"](
     lambda st, uploads, held, n: federation.aggregate.masked_mean(
       uploads, held, n, base.leaf_ids, st.server.params
     )
@@ -299,7 +299,7 @@ def section_b(repeats):
       alg = tapjax.tap(setup)
       state = alg.init(w["params"], w["fed"].num_clients)
       if strategy != "loop":
-        fn = jax.jit(alg.round)
+        fn = w["jit"](alg.round)
         row[strategy] = timed(lambda: fn(state, *args), repeats)
         continue
 
@@ -487,7 +487,7 @@ def section_f(repeats):
   with tempfile.TemporaryDirectory(prefix="tapjax-ckpt-bench-") as tmp:
     for stage in ("local", "tap"):  # the experiment's order; a checkpoint holds that stage's state
       alg = tapjax.local_only(w["setup"]) if stage == "local" else tapjax.tap(w["setup"])
-      round_fn = jax.jit(alg.round, donate_argnums=0)
+      round_fn = w["jit"](alg.round, donate_argnums=0)
       start, _ = jax.block_until_ready(round_fn(alg.init(w["params"], n), *args))  # compile
       store = checkpoint.Store(pathlib.Path(tmp) / stage, keep=2)
 

@@ -54,7 +54,10 @@ AT_LEAST = {
   "chunk_clients": 0,
   "checkpoint_every": 1,
   "keep_checkpoints": 1,
+  "xla_cpu_opt_level": -1,
 }
+# Integer keys with a largest valid value too.
+AT_MOST = {"xla_cpu_opt_level": 3}
 # Float keys that must be finite and >= 0 (temperature > 0).
 NON_NEGATIVE = (
   "margin",
@@ -110,6 +113,8 @@ def config_problems(cfg) -> list[str]:
     v = get(key)
     if v is not None and (not _is_int(v) or v < low):
       out.append(f"--config.{key}={v!r} must be an integer >= {low}")
+    elif v is not None and key in AT_MOST and v > AT_MOST[key]:
+      out.append(f"--config.{key}={v!r} must be an integer from {low} to {AT_MOST[key]}")
   for key in NON_NEGATIVE:
     v = get(key)
     if v is None:

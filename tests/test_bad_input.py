@@ -35,6 +35,7 @@ CONFIG_CASES = [
   ("backbone_path", ["--config.backbone=/no/such/bert"], ["/no/such/bert", "no such folder"]),
   ("checkpoint_every", ["--config.checkpoint_every=0"], ["--config.checkpoint_every=0"]),
   ("federation", ["--config.federation=paper"], ["--config.federation='paper'", "paper_flava, paper_vilt"]),
+  ("opt_level", ["--config.xla_cpu_opt_level=4"], ["--config.xla_cpu_opt_level=4", "from -1 to 3"]),
   ("depth", ["--config.num_layers=2"], ["--config.num_layers=2 needs 4 pretrained layers", "has 2"]),
 ]
 
