@@ -628,6 +628,13 @@ def _path_tables(cfg: TapModelConfig):
   return shared_in, blk, exp
 
 
+# Fusion depths up to this run as a Python loop over the layers (FLAVA's and the demo's 2
+# layers), deeper ones (ViLT's 8) as a rolled ``lax.scan``. A scan, even unrolled, stacks
+# every residual of the backward pass over the layers (a dynamic-update-slice per residual,
+# a dynamic-slice per read): a sixth of the fusions of a training program at 2 layers.
+UNROLL_FUSION_LAYERS = 2
+
+
 def _masked_mean(h, mask):
   """``h [rows, len, E]`` mean-pooled over the real tokens of ``mask [rows, len]``: ``[rows, E]``."""
   w = mask.astype(h.dtype)[..., None] / jnp.maximum(mask.sum(-1), 1)[:, None, None]
@@ -681,7 +688,13 @@ def _fuse(x, mask, modality, group, domain, params, frozen, cfg, keys, with_late
     rows_mt = slice(MODALITY_TASK_PATH * b, (MODALITY_TASK_PATH + 1) * b)
     return h, _masked_mean(h[rows_mt], mask)  # [batch, E] after fusion layer j
 
-  h, per_layer = jax.lax.scan(layer, h, (frozen["fusion"], jnp.arange(2 * n_l)), unroll=True)
+  if 2 * n_l <= UNROLL_FUSION_LAYERS:  # a Python loop: no residuals stacked over layers
+    per_layer = []
+    for j in range(2 * n_l):
+      h, latent = layer(h, (jax.tree_util.tree_map(lambda a: a[j], frozen["fusion"]), j))
+      per_layer.append(latent)
+  else:
+    h, per_layer = jax.lax.scan(layer, h, (frozen["fusion"], jnp.arange(2 * n_l)))
   pooled = _masked_mean(h, mask_r)  # [rows, E]
   z = pooled.reshape(n_p, b, -1).mean(0)
   if not with_latent:

@@ -328,11 +328,12 @@ def test_gradient_support_equals_hand_written_rows(compat):
 
 
 @pytest.mark.parametrize("compat", COMPATS)
-def test_fuse_follows_hand_written_paths(compat):
+def test_fuse_follows_hand_written_paths(compat, monkeypatch):
   """``_fuse`` is the mean over the hand-written paths of each path's masked mean-pooled
   output of its own MoTE and MoME layers (block, expert and domain expert slots looked up
   by component name), for every (modality, group) and a different domain per example:
-  pins the wiring, which the usage rows (sets of names) cannot."""
+  pins the wiring, which the usage rows (sets of names) cannot. Both ways of running the
+  layers (the Python loop of shallow fusions, the ``lax.scan`` of deep ones) give it."""
   cfg, _, frozen, params = make(compat)
   assert cfg.num_layers == 1  # MoTE = pretrained layer 0, MoME = pretrained layer 1
   cm = M.component_model(params, cfg)
@@ -348,7 +349,7 @@ def test_fuse_follows_hand_written_paths(compat):
   mask = jnp.asarray([[int(j <= i % length) for j in range(length)] for i in range(n)], jnp.int32)
   dom = [DOMAINS[(3 * i + 1) % len(DOMAINS)] for i in range(n)]
   ids = lambda xs, table: jnp.asarray([table.index(v) for v in xs], jnp.int32)
-  got = jax.jit(M._fuse, static_argnums=7)(
+  args = (
     x,
     mask,
     ids([m for m, _ in combos], MODALITIES),
@@ -359,6 +360,10 @@ def test_fuse_follows_hand_written_paths(compat):
     cfg,
     None,
   )
+  got = jax.jit(lambda *a: M._fuse(*a), static_argnums=7)(*args)
+  monkeypatch.setattr(M, "UNROLL_FUSION_LAYERS", 0)
+  scanned = jax.jit(lambda *a: M._fuse(*a), static_argnums=7)(*args)  # a new function: a new trace
+  np.testing.assert_allclose(scanned, got, rtol=1e-5, atol=1e-6)
   layer = jax.jit(lambda *a: M._fusion_layer(*a, cfg, M._Keys(None)))
   at = lambda tree, idx: jax.tree_util.tree_map(lambda a: a[idx], tree)
   stage_base = [at(frozen["fusion"], j) for j in (0, 1)]
