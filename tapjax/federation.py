@@ -268,17 +268,23 @@ def twice(f: Callable, first_args: tuple, then: Callable, init: Any):
 
   TAP trains twice per client (global copy, then personal model); two call sites
   would compile the whole training twice. ``init`` is any value shaped like ``f``'s
-  output (``then`` also runs on it once, and that result is discarded).
+  output (``then`` also runs on it once, and that result is discarded); ``aux`` holds
+  numeric or bool arrays (it starts as zeros in the scan's carry).
   """
 
-  def body(prev, i):
+  def body(carry, i):
+    prev, first, _ = carry
     args, aux = then(prev)
     y = f(*where_tree(i == 0, tuple(first_args), tuple(args)))
-    return y, (y, aux)
+    # Keep the first result in the carry (a select per leaf) rather than stacking both
+    # results as the scan's outputs (a dynamic-update-slice per leaf, and a slice per leaf
+    # to read each back): fewer, cheaper ops in every TAP round program.
+    return (y, where_tree(i == 0, y, first), aux), None
 
-  _, (ys, auxs) = jax.lax.scan(body, init, jnp.arange(2))
-  second = lambda tree: jax.tree_util.tree_map(lambda x: x[1], tree)
-  return jax.tree_util.tree_map(lambda x: x[0], ys), second(ys), second(auxs)
+  aux0 = jax.eval_shape(lambda: then(init)[1])
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+  (y1, y0, aux), _ = jax.lax.scan(body, (init, init, zeros), jnp.arange(2))
+  return y0, y1, aux
 
 
 def final_global(setup: Setup, state: State) -> PyTree:

@@ -232,3 +232,24 @@ def test_aggregation_weights_default_to_num_examples(world):
     lambda a, b: float(jnp.abs(a - b).max()), base.server.params, other.server.params
   )
   assert max(jax.tree_util.tree_leaves(diff)) > 1e-4
+
+
+def test_twice_returns_both_results_and_traces_once():
+  """``twice(f, first_args, then, init)``: ``y0 = f(*first_args)``, ``(args, aux) =
+  then(y0)``, ``y1 = f(*args)``, with ``f`` traced once (a tree result and a tree aux)."""
+  traces = []
+
+  def f(x, k):
+    traces.append(1)
+    return {"a": x * 2.0 + k, "b": jnp.sum(x)}
+
+  def then(y):
+    return (y["a"] + 1.0, jnp.float32(10.0)), {"prev": y["a"], "flag": y["b"] > 0}
+
+  init = {"a": jnp.zeros(3), "b": jnp.zeros(())}
+  y0, y1, aux = jax.jit(lambda x: federation.twice(f, (x, jnp.float32(0.5)), then, init))(jnp.arange(3.0))
+  np.testing.assert_allclose(y0["a"], [0.5, 2.5, 4.5])
+  np.testing.assert_allclose(y1["a"], (np.array([0.5, 2.5, 4.5]) + 1.0) * 2.0 + 10.0)
+  np.testing.assert_allclose(y1["b"], np.sum([1.5, 3.5, 5.5]))
+  np.testing.assert_allclose(aux["prev"], [0.5, 2.5, 4.5])
+  assert bool(aux["flag"]) and len(traces) == 1
