@@ -419,15 +419,16 @@ class _Verdict(NamedTuple):
   reason: jax.Array  # [cohort] int32 Fault bits
 
 
-def _quarantine(c: _Cohort, losses: tuple, trained: tuple) -> _Verdict:
+def _quarantine(c: _Cohort, losses: tuple, params_ok: jax.Array) -> _Verdict:
   """Which cohort clients' results may enter the federation.
 
   Args:
     losses: ``[cohort, tasks]`` loss records; only tasks a client holds count.
-    trained: ``[cohort, ...]`` pytrees the client produced (uploads, personal models).
+    params_ok: ``[cohort]`` bool, every parameter the client produced (uploads, personal
+      models) is finite (:attr:`tapjax.local.TrainResult.finite`, computed on the flat
+      vector in training: a per-leaf check here was a tenth of a round's fusions).
   """
   loss_ok = _rows_finite(tuple(jnp.where(c.tasks, x, 0.0) for x in losses))
-  params_ok = _rows_finite(trained)
   reason = jnp.where(loss_ok, 0, int(Fault.LOSS)) | jnp.where(params_ok, 0, int(Fault.PARAMS))
   return _Verdict(reason == 0, reason.astype(jnp.int32))
 
@@ -466,6 +467,7 @@ class TapClientResult(NamedTuple):
   active: jax.Array  # [tasks] bool, tasks the global copy saw
   replaced: jax.Array  # [tasks] bool
   replaced_components: jax.Array  # [components] bool
+  finite: jax.Array = True  # bool: the upload and the personal model are finite
 
 
 def tap_client(
@@ -541,6 +543,7 @@ def tap_client(
     has_task & (g.task_count > 0),
     rep.tasks,
     rep.components,
+    g.finite & p.finite,
   )
 
 
@@ -578,7 +581,7 @@ def tap(setup: Setup) -> Algorithm:
     personal, student_loss = gather(state.personal, c.ids), state.student_loss[c.ids]
     r = setup.client_map(client)(c.ids, personal, student_loss, c.examples, c.num_examples, c.tasks, c.held)
     # A client whose loss or params are not finite changes nothing this round.
-    v = _quarantine(c, (r.global_loss, r.personal_loss), (r.upload, r.personal))
+    v = _quarantine(c, (r.global_loss, r.personal_loss), r.finite)
     replaced = r.replaced & v.ok[:, None]
     replaced_components = r.replaced_components & v.ok[:, None]
     new = state._replace(
@@ -615,14 +618,15 @@ def _train_cohort(
   dropout_purpose: int,
 ):
   """One plain local training per cohort client from ``starts [cohort, ...]``:
-  ``(params [cohort, ...], loss record [cohort, tasks], seen [cohort, tasks])``."""
+  ``(params [cohort, ...], loss record [cohort, tasks], seen [cohort, tasks], finite
+  [cohort])``."""
   loss_fn = supervised_loss(setup.objective, frozen)
 
   def client(cid, params, examples, n, has_task, held):
     key = functools.partial(derive, root, Stage.FEDERATED, round_, cid)
     draw = _draw(examples, key, data_purpose)
     r = _train(setup, loss_fn, params, examples, n, held, c.lr, draw, key(dropout_purpose), setup.local)
-    return r.params, _record(setup, r), has_task & (r.task_count > 0)
+    return r.params, _record(setup, r), has_task & (r.task_count > 0), r.finite
 
   return setup.client_map(client)(c.ids, starts, c.examples, c.num_examples, c.tasks, c.held)
 
@@ -652,10 +656,10 @@ def fedavg(setup: Setup) -> Algorithm:
   def round_(state: State, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
     c = _cohort(setup, state, data, hp, root)
     starts = stack(final_global(setup, state), setup.cohort_size)
-    g_params, g_loss, active = _train_cohort(
+    g_params, g_loss, active, finite = _train_cohort(
       setup, c, starts, frozen, root, state.round, Purpose.GLOBAL_DATA, Purpose.GLOBAL_DROPOUT
     )
-    v = _quarantine(c, (g_loss,), (g_params,))
+    v = _quarantine(c, (g_loss,), finite)
     new = state._replace(round=state.round + 1, server=_aggregate(setup, state, g_params, c, v.ok))
     return new, _no_replacement_info(setup, c, g_loss, jnp.full_like(g_loss, jnp.nan), active, v)
 
@@ -671,10 +675,10 @@ def local_only(setup: Setup) -> Algorithm:
   def round_(state: State, frozen: PyTree, data: FedData, hp: HParams, root: jax.Array):
     c = _cohort(setup, state, data, hp, root)
     before = gather(state.personal, c.ids)
-    personal, p_loss, active = _train_cohort(
+    personal, p_loss, active, finite = _train_cohort(
       setup, c, before, frozen, root, state.round, Purpose.LOCAL_DATA, Purpose.LOCAL_DROPOUT
     )
-    v = _quarantine(c, (p_loss,), (personal,))
+    v = _quarantine(c, (p_loss,), finite)
     personal = _keep_rows(v.ok, personal, before)
     new = state._replace(round=state.round + 1, personal=scatter(state.personal, c.ids, personal))
     return new, _no_replacement_info(setup, c, jnp.full_like(p_loss, jnp.nan), p_loss, active, v)

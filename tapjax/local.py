@@ -45,12 +45,15 @@ class TrainResult(NamedTuple):
   task_loss_sum: jax.Array  # [tasks] sum of per-example training losses (train mode)
   task_count: jax.Array  # [tasks] examples of each task seen
   num_seen: jax.Array  # scalar, examples seen in all (steps * accum * batch_size)
+  # scalar bool: every trained parameter is finite (one reduction over the flat vector
+  # the optimizer updates; the rounds' fault quarantine reads it)
+  finite: jax.Array = True
 
   @classmethod
   def like(cls, params: PyTree, num_tasks: int) -> "TrainResult":
     """A placeholder with the structure of a result for ``params`` (zeros)."""
     z = jnp.zeros(num_tasks)
-    return cls(params, z, z, jnp.zeros((), jnp.float32))
+    return cls(params, z, z, jnp.zeros((), jnp.float32), jnp.ones((), bool))
 
   def task_mean(self) -> jax.Array:
     """``[tasks]`` mean loss of each task's examples (0 where a task was not seen)."""
@@ -202,4 +205,4 @@ def train(
   init = (flat, tx.init(flat), jnp.zeros(num_tasks), jnp.zeros(num_tasks))
   (flat, _, loss_sum, count), _ = jax.lax.scan(step, init, jnp.arange(cfg.steps))
   seen = jnp.asarray(cfg.steps * cfg.accum * cfg.batch_size, jnp.float32)
-  return TrainResult(unravel(flat), loss_sum, count, seen)
+  return TrainResult(unravel(flat), loss_sum, count, seen, jnp.all(jnp.isfinite(flat)))

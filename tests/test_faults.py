@@ -182,6 +182,6 @@ def test_reason_bits():
   # client 0: NaN only on a task it lacks (ok); 1: an infinite parameter; 2: NaN on its task
   loss = jnp.array([[0.5, jnp.nan], [0.5, 0.7], [jnp.inf, jnp.nan]])
   params = {"w": jnp.ones((3, 4)).at[1, 2].set(jnp.inf), "b": jnp.zeros((3,))}
-  v = federation._quarantine(cohort, (loss,), (params,))
+  v = federation._quarantine(cohort, (loss,), federation._rows_finite((params,)))
   assert np.asarray(v.reason).tolist() == [0, int(federation.Fault.PARAMS), int(federation.Fault.LOSS)]
   assert np.asarray(v.ok).tolist() == [True, False, False]

@@ -109,3 +109,17 @@ def test_example_order_is_a_permutation_of_the_valid_examples_then_padding():
     tuple(np.asarray(local.example_order(jax.random.key(s), jnp.asarray(5), 9))[:5]) for s in range(8)
   }
   assert len(orders) > 4
+
+
+def test_finite_flag_sees_every_trained_parameter():
+  """``TrainResult.finite`` is False when any trained parameter is not finite, even one the
+  loss never reads (a held-out leaf carrying a NaN), and True otherwise."""
+  data, loss_fn, params = _linear_problem()
+  key = jax.random.key(0)
+  cfg = local.LocalConfig(steps=2, batch_size=8)
+  mask = {"w": True, "b": True, "unheld": False}
+  clean = local.train(loss_fn, params, data, 16, key, key, 1e-2, cfg, 2, mask)
+  assert bool(clean.finite) and np.isfinite(np.asarray(clean.task_mean())).all()
+  poisoned = dict(params, unheld=jnp.array([1.0, jnp.nan]))
+  res = local.train(loss_fn, poisoned, data, 16, key, key, 1e-2, cfg, 2, mask)
+  assert not bool(res.finite) and np.isfinite(np.asarray(res.task_mean())).all()
