@@ -44,7 +44,9 @@ import numpy as np
 from absl import app, flags
 
 flags.DEFINE_list(
-  "sections", ["a", "b", "c", "d", "e", "g"], "which tables to produce (f, the checkpoint cost, on request)"
+  "sections",
+  ["a", "b", "c", "d", "e"],
+  "which tables to produce (f, the checkpoint cost, and g, the default config's micro-batch, on request)",
 )
 flags.DEFINE_list("compats", ["reference"], "section a: compat modes to measure (reference, paper)")
 flags.DEFINE_list(
@@ -125,10 +127,13 @@ def _subjaxprs(eqn):
 
 
 def matmul_peak(repeats) -> float:
-  """GFLOP/s of a plain 2048^3 fp32 matmul on this machine, now."""
+  """GFLOP/s of a plain 2048^3 fp32 matmul on this machine, now: the best of 5 runs after a
+  warm-up (a peak; the median of 2 once read 83 GFLOP/s where other runs read 124-173)."""
   a = jnp.ones((2048, 2048), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  return 2 * 2048**3 / timed(lambda: f(a), repeats) / 1e9
+  jax.block_until_ready(f(a))
+  best = min(timed(lambda: f(a), 1) for _ in range(max(5, repeats)))
+  return 2 * 2048**3 / best / 1e9
 
 
 def microbatch(w, batch_size: int, repeats: int) -> tuple[float, float]:
