@@ -649,10 +649,11 @@ def _fuse(x, mask, modality, group, domain, params, frozen, cfg, keys, with_late
   tokens like the fused outputs (DisentAFL's latent). Without it the program is
   unchanged.
 
-  The paths run as one ``[paths * batch]`` batch of rows and the MoTE and MoME
-  layers as one ``lax.scan`` over the ``2 * num_layers`` fusion layers, so the
-  fusion layer is traced once whatever the number of paths, blocks and layers;
-  each row gathers the LoRA factors of its block, domain and expert slots.
+  The paths run as one ``[paths * batch]`` batch of rows, so the fusion layer is
+  traced once whatever the number of paths and blocks; each row gathers the LoRA
+  factors of its block, domain and expert slots. The ``2 * num_layers`` fusion layers
+  run as a Python loop up to :data:`UNROLL_FUSION_LAYERS` layers, else as one rolled
+  ``lax.scan`` (traced once whatever the depth).
 
   Args:
     x: ``[batch, len, E]`` encoder tokens; mask ``[batch, len]`` (1 = real token).
