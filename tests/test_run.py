@@ -87,3 +87,15 @@ def test_missing_workdir_is_a_usage_error():
     [sys.executable, "-m", "experiments.tap"], cwd=tap_runs.ROOT, capture_output=True, text=True
   )
   assert out.returncode == 2 and "--workdir is required" in out.stderr
+
+
+def test_compiler_options_follow_the_config_unless_xla_flags_set_the_level(monkeypatch):
+  """``xla_cpu_opt_level`` reaches ``jax.jit`` as XLA's backend level on CPU; -1 adds
+  nothing; a level already in ``XLA_FLAGS`` (the suite's 0) wins over the config."""
+  from experiments import run
+
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert run.compiler_options({"xla_cpu_opt_level": 1}) == {"xla_backend_optimization_level": 1}
+  assert run.compiler_options({"xla_cpu_opt_level": -1}) == {}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+  assert run.compiler_options({"xla_cpu_opt_level": 1}) == {}

@@ -78,8 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.bertscore = ""
   c.plots = True
   # XLA:CPU backend (LLVM) optimization level of the run's programs (-1 = XLA's default;
-  # ignored on GPU/TPU): level 1 compiled the training programs ~25-30% faster on the
-  # 2-core CPU with the same step time (README, "Compile time")
+  # ignored on GPU/TPU, and when XLA_FLAGS sets --xla_backend_optimization_level): level 1
+  # compiled the training programs ~25-30% faster on the 2-core CPU with the same step time
   c.xla_cpu_opt_level = 1
   c.compilation_cache = "~/.cache/tapjax/xla"  # persistent XLA cache ("" = off): reruns skip compiling
   # --- checkpoints (<workdir>/checkpoints; a rerun of the same command resumes)
