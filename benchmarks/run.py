@@ -62,15 +62,16 @@ REFERENCE_ROUND_S = 25.6  # PyTorch reference, tiny FLAVA, cohort 2, 5 x 4 steps
 REFERENCE_STAGE2_PER_CLIENT_S = 28.5
 
 
-def timed(fn, repeats):
-  """Median wall seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+def timed(fn, repeats, stat=statistics.median):
+  """``stat`` (the median) of the wall seconds of ``fn()`` over ``repeats`` calls after one
+  warm-up call."""
   jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return stat(times)
 
 
 def table(title, header, rows):
@@ -131,9 +132,7 @@ def matmul_peak(repeats) -> float:
   warm-up (a peak; the median of 2 once read 83 GFLOP/s where other runs read 124-173)."""
   a = jnp.ones((2048, 2048), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(f(a))
-  best = min(timed(lambda: f(a), 1) for _ in range(max(5, repeats)))
-  return 2 * 2048**3 / best / 1e9
+  return 2 * 2048**3 / timed(lambda: f(a), max(5, repeats), stat=min) / 1e9
 
 
 def microbatch(w, batch_size: int, repeats: int) -> tuple[float, float]:

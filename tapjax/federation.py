@@ -426,7 +426,7 @@ def _quarantine(c: _Cohort, losses: tuple, params_ok: jax.Array) -> _Verdict:
     losses: ``[cohort, tasks]`` loss records; only tasks a client holds count.
     params_ok: ``[cohort]`` bool, every parameter the client produced (uploads, personal
       models) is finite (:attr:`tapjax.local.TrainResult.finite`, computed on the flat
-      vector in training: a per-leaf check here was a tenth of a round's fusions).
+      vector in training: a per-leaf check here was a sixth of a round's fusions).
   """
   loss_ok = _rows_finite(tuple(jnp.where(c.tasks, x, 0.0) for x in losses))
   reason = jnp.where(loss_ok, 0, int(Fault.LOSS)) | jnp.where(params_ok, 0, int(Fault.PARAMS))

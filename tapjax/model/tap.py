@@ -530,8 +530,8 @@ class _Keys:
   ``jax.random.bernoulli``. With ``"hash"`` the stream holds a ``[2]`` uint32 seed
   (the root key's data) and every child is :func:`_mix_seed`, an integer hash: no
   threefry anywhere in the forward pass. On XLA:CPU each threefry call lowers to its
-  own while loop, and the ~30 dropout sites per training step took a sixth of the
-  training program's compile time.
+  own while loop: about 80 of them were a fifth of the tiny one-client TAP step's fusions
+  and compile time.
   """
 
   def __init__(self, key, rng="hash", *, seed=None):
@@ -552,10 +552,15 @@ class _Keys:
     return _Keys(jax.random.fold_in(self.key, i), self.rng)
 
   def split(self, n: int):
-    """``n`` independent streams' keys stacked on a leading axis (for ``vmap``)."""
+    """``n`` independent streams' keys stacked on a leading axis (for ``vmap``; wrap
+    each with :meth:`stream`)."""
     if self.rng == "hash":  # children < 2^16, sites from 2^16, splits from 2^17: all distinct
       return jax.vmap(lambda i: _mix_seed(self.key, i + 0x20000))(jnp.arange(n))
     return jax.random.split(self.key, n)
+
+  def stream(self, key) -> "_Keys":
+    """The stream around one key of :meth:`split`."""
+    return _Keys(None, self.rng, seed=key) if self.rng == "hash" else _Keys(key, self.rng)
 
   def __call__(self):
     """The next key (``None`` in eval mode): a PRNG key, or a ``[2]`` hash seed."""
@@ -631,7 +636,7 @@ def _path_tables(cfg: TapModelConfig):
 # Fusion depths up to this run as a Python loop over the layers (FLAVA's and the demo's 2
 # layers), deeper ones (ViLT's 8) as a rolled ``lax.scan``. A scan, even unrolled, stacks
 # every residual of the backward pass over the layers (a dynamic-update-slice per residual,
-# a dynamic-slice per read): a sixth of the fusions of a training program at 2 layers.
+# a dynamic-slice per read): 7% of the tiny one-client TAP step's fusions at 2 layers.
 UNROLL_FUSION_LAYERS = 2
 
 
@@ -773,9 +778,7 @@ def _stacked_heads(fn, heads, z, keys):
   n = jax.tree_util.tree_leaves(heads)[0].shape[0]
   if keys.key is None:
     return jax.vmap(lambda h: fn(h, z, keys))(heads)
-  hash_rng = keys.rng == "hash"
-  own = lambda k: _Keys(None, keys.rng, seed=k) if hash_rng else _Keys(k, keys.rng)
-  return jax.vmap(lambda h, k: fn(h, z, own(k)))(heads, keys.split(n))
+  return jax.vmap(lambda h, k: fn(h, z, keys.stream(k)))(heads, keys.split(n))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
