@@ -7,7 +7,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from tapjax.objective import Objective
+from tapjax.objective import Objective, apply
 from tapjax.sharding import ClientMap
 
 PyTree = Any
@@ -67,7 +67,7 @@ def evaluate(
 
     def body(acc, xs):
       batch, v = xs
-      out = objective.apply(p, frozen, batch, None)
+      out = apply(objective, p, frozen, batch, None)
       vals = objective.metrics(out, batch)
       sums = {k: per_task_sums(x, batch["task"], v, num_tasks)[0] for k, x in vals.items()}
       count = per_task_sums(jnp.ones_like(v, jnp.float32), batch["task"], v, num_tasks)[1]
@@ -76,7 +76,7 @@ def evaluate(
       )
 
     shapes = jax.eval_shape(
-      lambda b: objective.metrics(objective.apply(p, frozen, b, None), b),
+      lambda b: objective.metrics(apply(objective, p, frozen, b, None), b),
       jax.tree_util.tree_map(lambda x: x[0], d),
     )
     zero = ({k: jnp.zeros(num_tasks) for k in shapes}, jnp.zeros(num_tasks))

@@ -1,6 +1,7 @@
 """Mapping strategies (values and real sharding), trace counts, order independence
 and evaluation. Values against an independent oracle: ``test_oracle.py``."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,31 +131,70 @@ def test_sharded_round_aggregates_with_a_collective(world, big):
   assert "all-reduce" in hlo or "reduce-scatter" in hlo
 
 
+def _counting(fn):
+  """``fn`` and a counter of how often it ran in Python (= traced, under ``jax.jit``). The
+  model's forward is a nested jit whose trace is cached across programs, so counting the
+  model's traces (``toy.TRACES``) would not see an outer program retracing."""
+  count = {"traces": 0}
+
+  def wrapped(*args):
+    count["traces"] += 1
+    return fn(*args)
+
+  return wrapped, count
+
+
 def test_no_retrace_when_numbers_change(world):
   setup = world["setup"]
   alg = tapjax.tap(setup)
   state = alg.init(world["params"], len(toy.CLIENT_TASKS))
-  fn = jax.jit(alg.round)
+  round_, count = _counting(alg.round)
+  fn = jax.jit(round_)
   state, _ = fn(state, world["frozen"], world["data"], world["hp"], world["root"])
-  traces = toy.TRACES["apply"]
+  assert count["traces"] == 1
   for r in range(3):
     hp = tapjax.HParams.create(
       toy.T, margin=[0.1 * r, 0.0, 0.02], kd_weight=[r, 1.0, 0.5], lr_peak=1e-3 * (r + 1), temperature=1.0 + r
     )
     state, _ = fn(state, world["frozen"], world["data"], hp, jax.random.key(100 + r))
-  assert toy.TRACES["apply"] == traces
+  assert count["traces"] == 1
   # stage 2: KD weights (TAP vs TAP without KD) are numbers too
   teachers = jax.jit(tapjax.post_train(setup))(
     state.server.params, world["frozen"], world["data"], world["hp"], world["root"]
   )
-  dist = jax.jit(tapjax.distill_personal(setup))
+  distill, count = _counting(tapjax.distill_personal(setup))
+  dist = jax.jit(distill)
   args = (state.personal, teachers, world["frozen"], world["data"])
   hp = tapjax.HParams.create(toy.T, kd_weight=5.0, post_lr=1e-2)
   a = dist(*args, hp, world["root"])
-  traces = toy.TRACES["apply"]
   b = dist(*args, tapjax.HParams.create(toy.T, kd_weight=0.0, post_lr=1e-2), world["root"])
-  assert toy.TRACES["apply"] == traces
+  assert count["traces"] == 1
   assert float(jnp.abs(a["shared"]["w"] - b["shared"]["w"]).max()) > 1e-3  # KD changes the result
+
+
+def test_model_trace_shared_across_programs(world):
+  """Two different programs over the same model and batch shape trace the model once
+  (:func:`tapjax.objective.apply` is a nested jit) and give the values of a direct call."""
+  # a fresh objective (a new apply function), so that no earlier test traced it
+  fresh = world["setup"].objective._replace(apply=lambda *a: toy.apply(*a))
+  setup = dataclasses.replace(world["setup"], objective=fresh)
+  state = tapjax.fedavg(setup).init(world["params"], len(toy.CLIENT_TASKS))
+  args = (world["frozen"], world["data"], world["hp"], world["root"])
+  traces = toy.TRACES["apply"]
+  jax.jit(tapjax.fedavg(setup).round).lower(state, *args)
+  first = toy.TRACES["apply"] - traces
+  assert first >= 1
+  jax.jit(tapjax.local_only(setup).round).lower(tapjax.local_only(setup).init(world["params"], 5), *args)
+  assert toy.TRACES["apply"] - traces == first  # the second program reused the trace
+  batch = {k: v[0, :4] for k, v in world["data"].examples.items()}
+  key = jax.random.key(3)
+  direct = setup.objective.apply(world["params"], world["frozen"], batch, key)
+  nested = tapjax.objective.apply(setup.objective, world["params"], world["frozen"], batch, key)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x, y: bool(jnp.all(x == y)), direct, nested))
+  # an objective that cannot be hashed (a list field) is applied directly, same values
+  unhashable = setup.objective._replace(metrics=[setup.objective.metrics])
+  again = tapjax.objective.apply(unhashable, world["params"], world["frozen"], batch, key)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x, y: bool(jnp.all(x == y)), direct, again))
 
 
 def test_client_randomness_independent_of_cohort_order(world, monkeypatch):
