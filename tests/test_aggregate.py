@@ -61,7 +61,8 @@ def test_sharded_over_8_devices_equals_single_device():
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), single, sharded)
 
 
-@pytest.mark.parametrize("clients", [3, 40])  # 40 > UNROLL_MAX: the looped sum
+# 21 and 40 > UNROLL_MAX (8): the loop over chunks, with and without a tail
+@pytest.mark.parametrize("clients", [3, 21, 40])
 @pytest.mark.parametrize("how", tapjax.aggregate.SUMS)
 def test_every_sum_over_clients_is_the_weighted_mean(how, clients):
   """Each way of summing over clients equals a numpy weighted mean per slot of a
