@@ -290,7 +290,7 @@ def section_b(repeats):
   base = w["setup"]
   args = (w["frozen"], w["train"], w["hp"], w["root"])
   # A Python loop over clients, each a jitted one-client TAP step (compiled once for all
-  # sizes), then one jitted aggregation: what a straightforward port would do.
+  # sizes), and its aggregation: what a straightforward port would do.
   loss_fn = tapjax.supervised_loss(base.objective, w["frozen"])
   one = w["jit"](
     lambda start, personal, sl, cid, ex, n, tasks, held, lr, margin, root, r: federation.tap_client(
@@ -298,11 +298,32 @@ def section_b(repeats):
     )
   )
   held_all = federation.client_holders(base, w["train"])
-  agg = w["jit"](
-    lambda st, uploads, held, n: federation.aggregate.masked_mean(
-      uploads, held, n, base.leaf_ids, st.server.params
+  # Its aggregation is a running weighted sum, one jitted step per client (compiled once for
+  # every cohort size, as the one-client step is), then the division and the server step.
+  components = tapjax.components
+
+  def accumulate(acc, upload, held, n):
+    sums, total = acc
+    w_c = held.astype(jnp.float32) * n.astype(jnp.float32)  # [components]
+    add = lambda ids, s, x: s + components.broadcast_to_leaf(components.per_leaf(w_c, ids), x) * x
+    return jax.tree_util.tree_map(add, base.leaf_ids, sums, upload), total + w_c
+
+  def finish(st, acc):
+    sums, total = acc
+    sent = total > 0
+    scale = 1.0 / jnp.where(sent, total, 1.0)
+    mean = lambda ids, s, fb: jnp.where(
+      components.broadcast_to_leaf(components.per_leaf(sent, ids), fb),
+      s * components.broadcast_to_leaf(components.per_leaf(scale, ids), s),
+      fb,
     )
+    agg = tapjax.Aggregate(jax.tree_util.tree_map(mean, base.leaf_ids, sums, st.server.params), sent)
+    return tapjax.server_update(st.server, agg, base.leaf_ids, base.server_optimizer)
+
+  start_sums = w["jit"](
+    lambda p: (jax.tree_util.tree_map(jnp.zeros_like, p), jnp.zeros((base.num_components,), jnp.float32))
   )
+  accumulate, finish = w["jit"](accumulate, donate_argnums=0), w["jit"](finish)
   strategies = [x for x in ("vmap", "map") if x in FLAGS.strategies]
   for k in sizes:
     row = {"cohort": k}
@@ -320,7 +341,7 @@ def section_b(repeats):
       def loop_round():
         ids = [int(i) for i in federation.sample_cohort(w["root"], state.round, w["fed"].num_clients, k)]
         lr = tapjax.warmup_lr(state.round, w["hp"].lr_min, w["hp"].lr_peak, w["hp"].warmup_rounds)
-        ups = []
+        acc = start_sums(state.server.params)
         for cid in ids:
           r = one(
             state.server.params,
@@ -336,10 +357,8 @@ def section_b(repeats):
             w["root"],
             state.round,
           )
-          ups.append(r.upload)
-        stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *ups)
-        idx = jnp.asarray(ids)
-        return agg(state, stacked, held_all[idx], w["train"].num_examples[idx])
+          acc = accumulate(acc, r.upload, held_all[cid], w["train"].num_examples[cid])
+        return finish(state, acc)
 
       row["loop"] = timed(loop_round, repeats)
     out.append(row)
