@@ -3,8 +3,8 @@
   python -m benchmarks.run [--sections=a,b,c,d,e,f,g] [--compats=reference,paper] [--repeats=2]
                            [--strategies=map,vmap] [--out=benchmarks/results/run.json]
 
-Sections (every time is a median of ``--repeats`` runs after a warm-up run; section a's
-rounds and stage 2 are compiled ahead of time and timed without one):
+Sections (every time is a median of ``--repeats`` runs after a warm-up run, section c's of
+at least 5; section a's rounds and stage 2 are compiled ahead of time and timed without one):
 
 a. Reference-shaped TAP round: a BERT-family backbone of width 64 (2 heads, FFN 256,
    2 layers), 64-px images with patch 4 (257 tokens), text padded to 256, 10 clients
@@ -139,10 +139,13 @@ def microbatch(w, batch_size: int, repeats: int) -> tuple[float, float]:
   """``(matmul FLOPs, median seconds)`` of one training micro-batch (value and gradient)
   of a VQA client, whose examples run both token streams, so the counted FLOPs (both
   branches of the stream's ``cond``) are the executed ones."""
-  model, frozen = w["model"], w["frozen"]
+  import tapjax
+
+  frozen = w["frozen"]
   c = int(np.flatnonzero(np.asarray(w["fed"].client_pattern) == 4)[0])
   batch = {k: v[c, :batch_size] for k, v in w["train"].examples.items()}
-  loss = lambda p, k: model.loss(model.apply(p, frozen, batch, k), batch).mean()
+  train_loss = tapjax.supervised_loss(w["setup"].objective, frozen)  # the rounds' loss (shares their trace)
+  loss = lambda p, k: train_loss(p, batch, k).mean()
   step = w["jit"](jax.value_and_grad(loss))
   flops = dot_flops(jax.make_jaxpr(jax.value_and_grad(loss))(w["params"], w["root"]).jaxpr)
   return flops, timed(lambda: step(w["params"], w["root"]), repeats)
@@ -394,10 +397,13 @@ def section_c(repeats):
   ones = jnp.ones((k,), jnp.float32)
   dot = jax.jit(lambda x: jnp.tensordot(ones, x, axes=(0, 0), precision=jax.lax.Precision.HIGHEST))
   nbytes = flat.size * 4
+  # Milliseconds each: a median of at least 5 (of 2, one run read 29 ms where the same
+  # program takes 12 ms alone).
+  n = max(repeats, 5)
   times = {
-    "masked weighted mean (tapjax)": timed(lambda: agg(stacked), repeats),
-    "plain sum over clients (jnp.sum axis 0)": timed(lambda: plain(flat), repeats),
-    "plain dot with a ones vector": timed(lambda: dot(flat), repeats),
+    "masked weighted mean (tapjax)": timed(lambda: agg(stacked), n),
+    "plain sum over clients (jnp.sum axis 0)": timed(lambda: plain(flat), n),
+    "plain dot with a ones vector": timed(lambda: dot(flat), n),
   }
   t_agg = times["masked weighted mean (tapjax)"]
   rows = [
