@@ -37,12 +37,14 @@ UNROLL_MAX = 8
 
 
 def _unrolled(w: jax.Array, x: jax.Array, ids, first, count: int) -> jax.Array:
-  """``sum_j w[first + j, ids] * x[first + j]`` for ``j < count`` (``first`` may be traced)."""
-  at = lambda a, j: jax.lax.dynamic_index_in_dim(a, first + j, 0, keepdims=False)
-  term = lambda j: (
-    components.broadcast_to_leaf(components.per_leaf(at(w, j), ids).astype(x.dtype), x[0]) * at(x, j)
-  )
-  return functools.reduce(jnp.add, [term(j) for j in range(count)])
+  """``sum_j w[first + j, ids] * x[first + j]`` for ``j < count``, a left fold (``first``
+  an int: static slices; traced: dynamic ones, in the chunk loop)."""
+  wi = components.broadcast_to_leaf(components.per_leaf(w, ids).astype(x.dtype), x)  # [clients, ...]
+  if isinstance(first, int):
+    at = lambda a, j: a[first + j]
+  else:
+    at = lambda a, j: jax.lax.dynamic_index_in_dim(a, first + j, 0, keepdims=False)
+  return functools.reduce(jnp.add, [at(wi, j) * at(x, j) for j in range(count)])
 
 
 def _weighted_sums(w: jax.Array, stacked: PyTree, leaf_ids: PyTree, how: str) -> PyTree:
