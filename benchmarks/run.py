@@ -4,7 +4,8 @@
                            [--strategies=map,vmap] [--out=benchmarks/results/run.json]
 
 Sections (every time is a median of ``--repeats`` runs after a warm-up run, section c's of
-at least 5; section a's rounds and stage 2 are compiled ahead of time and timed without one):
+at least 5, section b's of at least 7 for cohorts of 1 and 2, its contenders alternating;
+section a's rounds and stage 2 are compiled ahead of time and timed without one):
 
 a. Reference-shaped TAP round: a BERT-family backbone of width 64 (2 heads, FFN 256,
    2 layers), 64-px images with patch 4 (257 tokens), text padded to 256, 10 clients
@@ -33,6 +34,7 @@ Writes every row to ``--out`` as JSON and prints one table per section.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import statistics
@@ -72,6 +74,20 @@ def timed(fn, repeats, stat=statistics.median):
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t)
   return stat(times)
+
+
+def alternating(fns: dict, repeats: int) -> dict:
+  """``{name: median seconds}`` of each ``fns[name]()``, one warm-up call each, then
+  ``repeats`` rounds that call every function once in turn."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(v) for name, v in times.items()}
 
 
 def table(title, header, rows):
@@ -329,41 +345,42 @@ def section_b(repeats):
   accumulate, finish = w["jit"](accumulate, donate_argnums=0), w["jit"](finish)
   strategies = [x for x in ("vmap", "map") if x in FLAGS.strategies]
   for k in sizes:
-    row = {"cohort": k}
-    for strategy in (*strategies, "loop"):
-      setup = dataclasses.replace(
-        base, cohort_size=k, client_map=tapjax.ClientMap(strategy if strategy != "loop" else "map")
-      )
+    fns = {}
+    for strategy in strategies:
+      setup = dataclasses.replace(base, cohort_size=k, client_map=tapjax.ClientMap(strategy))
       alg = tapjax.tap(setup)
-      state = alg.init(w["params"], w["fed"].num_clients)
-      if strategy != "loop":
-        fn = w["jit"](alg.round)
-        row[strategy] = timed(lambda: fn(state, *args), repeats)
-        continue
+      fns[strategy] = functools.partial(
+        w["jit"](alg.round), alg.init(w["params"], w["fed"].num_clients), *args
+      )
+    state = tapjax.tap(base).init(w["params"], w["fed"].num_clients)
 
-      def loop_round():
-        ids = [int(i) for i in federation.sample_cohort(w["root"], state.round, w["fed"].num_clients, k)]
-        lr = tapjax.warmup_lr(state.round, w["hp"].lr_min, w["hp"].lr_peak, w["hp"].warmup_rounds)
-        acc = start_sums(state.server.params)
-        for cid in ids:
-          r = one(
-            state.server.params,
-            jax.tree_util.tree_map(lambda x: x[cid], state.personal),
-            state.student_loss[cid],
-            cid,
-            {f: v[cid] for f, v in w["train"].examples.items()},
-            w["train"].num_examples[cid],
-            w["train"].client_tasks[cid],
-            held_all[cid],
-            lr,
-            w["hp"].margin,
-            w["root"],
-            state.round,
-          )
-          acc = accumulate(acc, r.upload, held_all[cid], w["train"].num_examples[cid])
-        return finish(state, acc)
+    def loop_round():
+      ids = [int(i) for i in federation.sample_cohort(w["root"], state.round, w["fed"].num_clients, k)]
+      lr = tapjax.warmup_lr(state.round, w["hp"].lr_min, w["hp"].lr_peak, w["hp"].warmup_rounds)
+      acc = start_sums(state.server.params)
+      for cid in ids:
+        r = one(
+          state.server.params,
+          jax.tree_util.tree_map(lambda x: x[cid], state.personal),
+          state.student_loss[cid],
+          cid,
+          {f: v[cid] for f, v in w["train"].examples.items()},
+          w["train"].num_examples[cid],
+          w["train"].client_tasks[cid],
+          held_all[cid],
+          lr,
+          w["hp"].margin,
+          w["root"],
+          state.round,
+        )
+        acc = accumulate(acc, r.upload, held_all[cid], w["train"].num_examples[cid])
+      return finish(state, acc)
 
-      row["loop"] = timed(loop_round, repeats)
+    fns["loop"] = loop_round
+    # Alternate the contenders, so that drifts in machine speed hit them alike; cohorts of
+    # 1 and 2 (a tenth of a second a round) get at least 7 repeats: with 2, their ratio
+    # read 0.94-1.32x across runs of the same code.
+    row = {"cohort": k, **alternating(fns, max(repeats, 7) if k <= 2 else repeats)}
     out.append(row)
     rows.append(
       [k, f"{row['loop'] * 1e3:.0f}"]
