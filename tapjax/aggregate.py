@@ -36,10 +36,9 @@ SUMS = ("unrolled", "reduce")
 UNROLL_MAX = 8
 
 
-def _unrolled(w: jax.Array, x: jax.Array, ids, first, count: int) -> jax.Array:
-  """``sum_j w[first + j, ids] * x[first + j]`` for ``j < count``, a left fold (``first``
-  an int: static slices; traced: dynamic ones, in the chunk loop)."""
-  wi = components.broadcast_to_leaf(components.per_leaf(w, ids).astype(x.dtype), x)  # [clients, ...]
+def _unrolled(wi: jax.Array, x: jax.Array, first, count: int) -> jax.Array:
+  """``sum_j wi[first + j] * x[first + j]`` for ``j < count``, a left fold (``first`` an
+  int: static slices; traced: dynamic ones, in the chunk loop)."""
   if isinstance(first, int):
     at = lambda a, j: a[first + j]
   else:
@@ -56,28 +55,25 @@ def _weighted_sums(w: jax.Array, stacked: PyTree, leaf_ids: PyTree, how: str) ->
   (benchmarks section c). ``"reduce"``: ``jnp.sum(w * x, 0)``, what XLA lowers to an
   all-reduce when the clients axis is sharded over devices.
   """
+  # each leaf's weights, broadcast against it: [clients, ...]
+  weights = lambda ids, x: components.broadcast_to_leaf(components.per_leaf(w, ids).astype(x.dtype), x)
+  wis = jax.tree_util.tree_map(weights, leaf_ids, stacked)
   if how == "reduce":
-    return jax.tree_util.tree_map(
-      lambda ids, x: jnp.sum(
-        components.broadcast_to_leaf(components.per_leaf(w, ids).astype(x.dtype), x) * x, 0
-      ),
-      leaf_ids,
-      stacked,
-    )
+    return jax.tree_util.tree_map(lambda wi, x: jnp.sum(wi * x, 0), wis, stacked)
   c = w.shape[0]
   if c <= UNROLL_MAX:
-    return jax.tree_util.tree_map(lambda ids, x: _unrolled(w, x, ids, 0, c), leaf_ids, stacked)
+    return jax.tree_util.tree_map(lambda wi, x: _unrolled(wi, x, 0, c), wis, stacked)
   chunks, tail = divmod(c, UNROLL_MAX)
   sums = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape[1:], x.dtype), stacked)
 
   def chunk(i, acc):
-    add = lambda ids, a, x: a + _unrolled(w, x, ids, i * UNROLL_MAX, UNROLL_MAX)
-    return jax.tree_util.tree_map(add, leaf_ids, acc, stacked)
+    add = lambda a, wi, x: a + _unrolled(wi, x, i * UNROLL_MAX, UNROLL_MAX)
+    return jax.tree_util.tree_map(add, acc, wis, stacked)
 
   sums = jax.lax.fori_loop(0, chunks, chunk, sums)
   if tail:
-    add = lambda ids, a, x: a + _unrolled(w, x, ids, chunks * UNROLL_MAX, tail)
-    sums = jax.tree_util.tree_map(add, leaf_ids, sums, stacked)
+    add = lambda a, wi, x: a + _unrolled(wi, x, chunks * UNROLL_MAX, tail)
+    sums = jax.tree_util.tree_map(add, sums, wis, stacked)
   return sums
 
 
