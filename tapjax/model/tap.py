@@ -640,30 +640,6 @@ def _path_tables(cfg: TapModelConfig):
 UNROLL_FUSION_LAYERS = 2
 
 
-class _RowTable:
-  """A group of stacked LoRA / layer-norm leaves ``[*slots, layers, ...]`` (``lead`` slot
-  axes) as ONE ``[*slots, layers, F]`` table, so a fusion layer gathers every row's
-  factors with one gather (one scatter-add in the backward pass) instead of one per
-  leaf: per-leaf gathers and scatter-adds were about a seventh of a training program's
-  kernels."""
-
-  def __init__(self, tree, lead: int):
-    leaves, self.treedef = jax.tree_util.tree_flatten(tree)
-    self.shapes = [a.shape[lead + 1 :] for a in leaves]
-    self.table = jnp.concatenate([a.reshape(a.shape[: lead + 1] + (-1,)) for a in leaves], -1)
-
-  def take(self, idx: tuple, layer) -> PyTree:
-    """The leaves at slots ``idx`` (``[rows]`` int arrays) of fusion layer ``layer``:
-    leaves ``[rows, ...]``."""
-    row = self.table[idx + (layer,)]  # [rows, F]
-    out, start = [], 0
-    for shape in self.shapes:
-      n = math.prod(shape)
-      out.append(row[:, start : start + n].reshape((row.shape[0],) + shape))
-      start += n
-    return jax.tree_util.tree_unflatten(self.treedef, out)
-
-
 def _masked_mean(h, mask):
   """``h [rows, len, E]`` mean-pooled over the real tokens of ``mask [rows, len]``: ``[rows, E]``."""
   w = mask.astype(h.dtype)[..., None] / jnp.maximum(mask.sum(-1), 1)[:, None, None]
@@ -704,15 +680,14 @@ def _fuse(x, mask, modality, group, domain, params, frozen, cfg, keys, with_late
   mask_r = rows(mask)
   n_l = cfg.num_layers
 
-  tables = {k: _RowTable(params[k], lead) for k, lead in (("block", 1), ("domain", 2), ("expert", 1))}
-
   def layer(h, xs):
     base, j = xs
     stage, li = j // n_l, j % n_l
     bi, ei = blk[stage], exp[stage]
-    blk_p = tables["block"].take((bi,), li)
-    dom = tables["domain"].take((bi, d_r), li)
-    exp_p = tables["expert"].take((ei,), li)
+    take = lambda tree, *idx: jax.tree_util.tree_map(lambda a: a[idx + (li,)], tree)
+    blk_p = take(params["block"], bi)
+    dom = take(params["domain"], bi, d_r)
+    exp_p = take(params["expert"], ei)
     h = _fusion_layer(h, mask_r, blk_p, dom["q"], dom["v"], exp_p, base, cfg, keys.child(j))
     if not with_latent:
       return h, None
