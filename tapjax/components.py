@@ -11,6 +11,8 @@ and boolean matrices:
   ``x[i, j, ...]`` belongs to component ``ids[i, j]``). Stacking repeated
   components (experts, blocks, heads) into few leaves keeps the trainable tree
   at tens of leaves, which is what keeps compile times short.
+  The whole tree raveled into one ``[P]`` vector has its :class:`FlatLayout` as
+  its leaf ids.
 * ``usage``: ``[tasks, components]`` bool, which components task ``t``'s forward
   pass uses.
 * ``holders``: ``[clients, components]`` bool, which components a client holds
@@ -145,7 +147,9 @@ def holders(client_tasks, usage):
 
 def per_leaf(values: jax.Array, ids) -> jax.Array:
   """``values [..., components]`` read at one leaf's ids: ``[..., *ids.shape]``
-  (``[...]`` for an int id)."""
+  (``[...]`` for an int id; ``[..., P]`` for a :class:`FlatLayout`)."""
+  if isinstance(ids, FlatLayout):  # the leaf ids of a flat [P] vector
+    return ids.expand(values)
   return values[..., ids]
 
 
@@ -184,3 +188,86 @@ def num_params_per_component(params: PyTree, leaf_ids: PyTree, num_components: i
     per_slice = int(np.prod(np.shape(x)[ids.ndim :]))
     np.add.at(counts, ids.ravel(), per_slice)
   return counts
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlatLayout:
+  """A trainable pytree as ONE flat ``[P]`` vector, with its components.
+
+  The order is ``jax.flatten_util.ravel_pytree``'s: leaves in ``tree_leaves`` order, each
+  row-major. Per-leaf glue over a model's ~70 trainable leaves (the replacement rule's
+  selection, the carries and selections of TAP's two-phase client step) compiles to one
+  kernel per leaf; on the flat vector each is one (:func:`tapjax.federation.tap_client`
+  runs on it). The layout depends only on shapes, so it is built at trace time
+  (:meth:`of`) and costs nothing to hold.
+
+  A layout is also the *leaf ids* of its flat vector: :func:`per_leaf`, :func:`leaf_mask`,
+  :func:`select` and :func:`tapjax.personalize.replace` accept it in place of a
+  ``leaf_ids`` pytree, with a ``[P]`` array in place of the parameters.
+
+  Attributes:
+    treedef, shapes, dtypes: the pytree's structure and leaves.
+    leaf_ids: per leaf, its component ids as an int numpy array (``[]`` for a whole leaf,
+      a prefix of the leaf's shape for a stacked one).
+    size: ``P``, parameters in all.
+  """
+
+  treedef: Any
+  shapes: tuple
+  dtypes: tuple
+  leaf_ids: tuple
+  size: int
+
+  @classmethod
+  def of(cls, params: PyTree, leaf_ids: PyTree) -> "FlatLayout":
+    """The layout of ``params`` (arrays, tracers or ``jax.ShapeDtypeStruct``: only shapes
+    are read) whose components ``leaf_ids`` gives (see the module docstring)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    id_leaves = [np.asarray(i, np.int32) for i in jax.tree_util.tree_leaves(leaf_ids)]
+    if len(id_leaves) != len(leaves):
+      raise ValueError(f"leaf_ids has {len(id_leaves)} leaves where the params have {len(leaves)}")
+    for ids, x in zip(id_leaves, leaves):
+      if tuple(x.shape[: ids.ndim]) != ids.shape:
+        raise ValueError(f"leaf ids of shape {ids.shape} are not a prefix of a leaf of shape {x.shape}")
+    return cls(
+      treedef,
+      tuple(tuple(x.shape) for x in leaves),
+      tuple(jnp.dtype(x.dtype) for x in leaves),
+      tuple(id_leaves),
+      int(sum(int(np.prod(x.shape)) for x in leaves)),
+    )
+
+  @property
+  def dtype(self):
+    """The flat vector's dtype (the leaves' common type)."""
+    return jnp.result_type(*self.dtypes)
+
+  def ravel(self, tree: PyTree, batch_dims: int = 0) -> jax.Array:
+    """``[*batch, P]``: the leaves (each ``[*batch, *shape]``) concatenated."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+      return jnp.zeros((0,), self.dtype)
+    lead = leaves[0].shape[:batch_dims]
+    return jnp.concatenate([jnp.reshape(x, lead + (-1,)).astype(self.dtype) for x in leaves], axis=-1)
+
+  def unravel(self, flat: jax.Array) -> PyTree:
+    """The pytree of ``flat [*batch, P]`` (leaves ``[*batch, *shape]``)."""
+    lead = flat.shape[:-1]
+    sizes = [int(np.prod(shape)) for shape in self.shapes]
+    # One split (its transpose, in a gradient, is one concatenate; slices' are pads and adds).
+    pieces = jnp.split(flat, np.cumsum(sizes)[:-1], axis=-1) if len(sizes) > 1 else [flat]
+    out = [x.reshape(lead + shape).astype(dt) for x, shape, dt in zip(pieces, self.shapes, self.dtypes)]
+    return jax.tree_util.tree_unflatten(self.treedef, out)
+
+  def expand(self, values: jax.Array) -> jax.Array:
+    """``values [..., components]`` at every element: ``[..., P]`` (each leaf's ids
+    broadcast over the leaf, concatenated; as cheap as a ravel, and computed from the
+    runtime ``values``, so XLA has nothing to constant-fold)."""
+    lead = values.shape[:-1]
+    pieces = [
+      jnp.broadcast_to(
+        values[..., ids].reshape(lead + ids.shape + (1,) * (len(shape) - ids.ndim)), lead + shape
+      ).reshape(lead + (-1,))
+      for ids, shape in zip(self.leaf_ids, self.shapes)
+    ]
+    return jnp.concatenate(pieces, axis=-1)

@@ -387,6 +387,23 @@ def _cohort(setup: Setup, state: State, data: FedData | CohortData, hp: HParams,
   )
 
 
+def _flat_loss(layout: components.FlatLayout, loss_fn):
+  """``loss_fn`` over the flat parameter vector of ``layout``."""
+  return lambda q, batch, key: loss_fn(layout.unravel(q), batch, key)
+
+
+def _train_flat(
+  setup: Setup, layout, loss_fn, flat, examples, n, held, lr, draw, dropout_key, cfg: local.LocalConfig
+) -> local.TrainResult:
+  """:func:`_train` on the flat ``[P]`` parameter vector of ``layout``
+  (:class:`tapjax.components.FlatLayout`; ``loss_fn`` takes the flat vector); returns
+  flat params."""
+  data, data_key = _data_and_key(examples, draw)
+  return local.train(
+    loss_fn, flat, data, n, data_key, dropout_key, lr, cfg, setup.num_tasks, layout.expand(held)
+  )
+
+
 def _train(
   setup: Setup, loss_fn, params, examples, n, held, lr, draw, dropout_key, cfg: local.LocalConfig
 ) -> local.TrainResult:
@@ -499,16 +516,23 @@ def tap_client(
   """
   key = functools.partial(derive, root, Stage.FEDERATED, round_, cid)
   rule_usage = setup.usage if setup.replace_usage is None else setup.replace_usage
+  # The whole step runs on flat parameter vectors: the rule's selection and the two-phase
+  # scan's carries are then one kernel each instead of one per leaf.
+  layout = components.FlatLayout.of(start, setup.leaf_ids)  # also the flat vector's leaf ids
+  flat_loss = _flat_loss(layout, loss_fn)
+  personal_f = layout.ravel(personal)
 
   def train_from(params, draw, dropout_key):
-    return _train(setup, loss_fn, params, examples, n, held, lr, draw, dropout_key, setup.local)
+    return _train_flat(
+      setup, layout, flat_loss, params, examples, n, held, lr, draw, dropout_key, setup.local
+    )
 
   def rule(g: local.TrainResult):
     """2. Copy every component of each task whose teacher (the trained global copy)
     beats the student by the margin; the personal model then trains on other batches
     when something was replaced."""
     rep = personalize.replace(
-      personal,
+      personal_f,
       g.params,
       _record(setup, g),
       student_loss,
@@ -516,7 +540,7 @@ def tap_client(
       has_task & (g.task_count > 0),
       jnp.asarray(rule_usage),
       held,
-      setup.leaf_ids,
+      layout,
     )
     draw = where_tree(
       jnp.any(rep.tasks),
@@ -526,17 +550,18 @@ def tap_client(
     return (rep.params, draw, key(Purpose.PERSONAL_DROPOUT)), rep
 
   # 1. train the global copy; 2. the rule; 3. train the personal model (one traced body).
+  start_f = layout.ravel(start)
   g, p, rep = twice(
     train_from,
-    (start, _draw(examples, key, Purpose.GLOBAL_DATA), key(Purpose.GLOBAL_DROPOUT)),
+    (start_f, _draw(examples, key, Purpose.GLOBAL_DATA), key(Purpose.GLOBAL_DROPOUT)),
     rule,
-    local.TrainResult.like(start, setup.num_tasks),
+    local.TrainResult.like(start_f, setup.num_tasks),
   )
   g_loss, p_loss = _record(setup, g), _record(setup, p)
   p_seen = has_task & (p.task_count > 0)
   return TapClientResult(
-    g.params,
-    p.params,
+    layout.unravel(g.params),
+    layout.unravel(p.params),
     jnp.where(p_seen, p_loss, student_loss),
     g_loss,
     p_loss,
