@@ -62,7 +62,8 @@ def merge(personal: PyTree, teacher: PyTree, component_mask: jax.Array, leaf_ids
   Args:
     personal, teacher: pytrees of identical structure (one client's parameters).
     component_mask: ``[components]`` bool.
-    leaf_ids: pytree of int component ids, structured like ``personal``.
+    leaf_ids: pytree of int component ids, structured like ``personal`` (or, for flat
+      ``[P]`` parameter vectors, their :class:`tapjax.components.FlatLayout`).
   """
   return components.select(component_mask, teacher, personal, leaf_ids)
 
