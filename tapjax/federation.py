@@ -392,23 +392,23 @@ def _flat_loss(layout: components.FlatLayout, loss_fn):
   return lambda q, batch, key: loss_fn(layout.unravel(q), batch, key)
 
 
-def _train_flat(
-  setup: Setup, layout, loss_fn, flat, examples, n, held, lr, draw, dropout_key, cfg: local.LocalConfig
-) -> local.TrainResult:
-  """:func:`_train` on the flat ``[P]`` parameter vector of ``layout``
-  (:class:`tapjax.components.FlatLayout`; ``loss_fn`` takes the flat vector); returns
-  flat params."""
-  data, data_key = _data_and_key(examples, draw)
-  return local.train(
-    loss_fn, flat, data, n, data_key, dropout_key, lr, cfg, setup.num_tasks, layout.expand(held)
-  )
-
-
 def _train(
-  setup: Setup, loss_fn, params, examples, n, held, lr, draw, dropout_key, cfg: local.LocalConfig
+  setup: Setup,
+  loss_fn,
+  params,
+  examples,
+  n,
+  held,
+  lr,
+  draw,
+  dropout_key,
+  cfg: local.LocalConfig,
+  leaf_ids: PyTree | None = None,
 ) -> local.TrainResult:
   """One client's local training, updating only the components it holds (``draw``: a
-  data key, or pre-drawn batches, see :func:`_draw`)."""
+  data key, or pre-drawn batches, see :func:`_draw`). ``leaf_ids`` defaults to
+  ``setup.leaf_ids``; a flat ``[P]`` ``params`` takes its
+  :class:`tapjax.components.FlatLayout` (and a ``loss_fn`` over the flat vector)."""
   data, data_key = _data_and_key(examples, draw)
   return local.train(
     loss_fn,
@@ -420,7 +420,7 @@ def _train(
     lr,
     cfg,
     setup.num_tasks,
-    components.leaf_mask(held, setup.leaf_ids),
+    components.leaf_mask(held, setup.leaf_ids if leaf_ids is None else leaf_ids),
   )
 
 
@@ -523,9 +523,7 @@ def tap_client(
   personal_f = layout.ravel(personal)
 
   def train_from(params, draw, dropout_key):
-    return _train_flat(
-      setup, layout, flat_loss, params, examples, n, held, lr, draw, dropout_key, setup.local
-    )
+    return _train(setup, flat_loss, params, examples, n, held, lr, draw, dropout_key, setup.local, layout)
 
   def rule(g: local.TrainResult):
     """2. Copy every component of each task whose teacher (the trained global copy)
