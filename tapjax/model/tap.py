@@ -735,8 +735,32 @@ def _cls_head(p, z, cfg, keys):
   return d(h, p["out"])
 
 
+# Sub-pixel form of a stride-2, 4x4, "SAME" transposed convolution (see :func:`_deconv`):
+# output phase ``a`` (row ``2i + a``) reads padded input rows ``i + dy``, ``dy`` in
+# {a, a + 1}, through kernel row ``2 (dy - a) + a``. ``_PHASE_TAP[dy, a]`` is that kernel
+# row (0 where ``dy`` is not one of phase ``a``'s rows, masked by ``_PHASE_OK``).
+_PHASE_TAP = np.array([[2 * (dy - a) + a if 0 <= dy - a <= 1 else 0 for a in range(2)] for dy in range(3)])
+_PHASE_OK = np.array([[0 <= dy - a <= 1 for a in range(2)] for dy in range(3)])
+
+
 def _deconv(x, p):
-  y = jax.lax.conv_transpose(x, p["kernel"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  """``x [batch, n, n, C]`` -> ``[batch, 2n, 2n, C_out]``: ``jax.lax.conv_transpose`` with
+  stride 2, the ``[4, 4, C, C_out]`` kernel and "SAME" padding, computed as ONE matmul
+  of the 1-padded input's 3x3 neighbourhoods ``[batch, n, n, 9 C]`` into ``4 * C_out``
+  channels (the four output phases), then depth-to-space. Same values up to float
+  rounding. The heads of a kind are vmapped, and XLA:CPU lowered the kernel gradient of
+  the vmapped (grouped) convolution as a slow dilated convolution: a VQA-shaped image
+  head's value and gradient took 96 ms in that form, and the dilated transposed form
+  multiplies three zeros in four."""
+  k = p["kernel"]
+  b, n, _, c = x.shape
+  co = k.shape[-1]
+  w = k[_PHASE_TAP[:, :, None, None], _PHASE_TAP[None, None, :, :]]  # [3 dy, 2 a, 3 dx, 2 b, C, C_out]
+  ok = (_PHASE_OK[:, :, None, None] & _PHASE_OK[None, None, :, :])[..., None, None]
+  w = jnp.where(ok, w, 0.0).transpose(0, 2, 4, 1, 3, 5).reshape(9 * c, 4 * co)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  patches = jnp.concatenate([xp[:, dy : dy + n, dx : dx + n] for dy in range(3) for dx in range(3)], -1)
+  y = (patches @ w).reshape(b, n, n, 2, 2, co).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * n, 2 * n, co)
   return y + p["bias"]
 
 
@@ -769,6 +793,16 @@ def _select(stacked, idx):
   no head of this kind get an arbitrary (clipped) head's output; losses ignore them."""
   idx = jnp.clip(idx, 0, stacked.shape[0] - 1)
   return jnp.take_along_axis(stacked, idx.reshape((1, -1) + (1,) * (stacked.ndim - 2)), axis=0)[0]
+
+
+def _when(pred):
+  """``run(fn)``: ``fn()`` if the scalar bool ``pred``, else zeros of ``fn()``'s shapes."""
+
+  def run(fn):
+    zeros = lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn))
+    return jax.lax.cond(pred, fn, zeros)
+
+  return run
 
 
 def _stacked_heads(fn, heads, z, keys):
@@ -886,17 +920,25 @@ class TapModel:
     out = {}
     heads = params["head"]
     sel = lambda stacked: _select(stacked, jnp.asarray(head_of)[task])
+    # A head kind runs only when the batch holds an example of a task of that kind
+    # (``lax.cond``; under ``vmap`` both branches run); otherwise its output is zeros,
+    # which no loss, divergence or metric reads (they pick by task kind).
+    of_kind = lambda tasks: _when(jnp.any(jnp.isin(task, np.asarray(tasks, np.int32))))
     if cls:
-      logits = sel(_stacked_heads(lambda h, z_, k: _cls_head(h, z_, cfg, k), heads["cls"], z, keys.child(3)))
+      logits = of_kind(cls)(
+        lambda: sel(_stacked_heads(lambda h, z_, k: _cls_head(h, z_, cfg, k), heads["cls"], z, keys.child(3)))
+      )
       valid = jnp.arange(logits.shape[-1]) < jnp.asarray(num_classes)[task][:, None]
       out["class_logits"] = jnp.where(valid, logits, -1e9)
     if img:
-      out["image"] = sel(
-        _stacked_heads(lambda h, z_, k: _image_head(h, z_, cfg), heads["image"], z, _Keys(None))
+      out["image"] = of_kind(img)(
+        lambda: sel(_stacked_heads(lambda h, z_, k: _image_head(h, z_, cfg), heads["image"], z, _Keys(None)))
       )
     if txt:
-      out["token_logits"] = sel(
-        _stacked_heads(lambda h, z_, k: _text_head(h, z_, cfg, k), heads["text"], z, keys.child(4))
+      out["token_logits"] = of_kind(txt)(
+        lambda: sel(
+          _stacked_heads(lambda h, z_, k: _text_head(h, z_, cfg, k), heads["text"], z, keys.child(4))
+        )
       )
     if not with_latents:
       return out

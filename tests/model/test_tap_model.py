@@ -771,3 +771,52 @@ def test_hash_seeds_are_distinct_and_keep_the_rate():
   assert abs(mask.mean() - 0.9) < 0.005
   other = np.asarray(M.hash_keep_mask(seeds[1], (1000, 100), 0.9))
   assert 0.8 < (mask == other).mean() < 0.84  # independent: 0.9^2 + 0.1^2 = 0.82
+
+
+def test_deconv_equals_the_transposed_convolution_it_replaces():
+  """``_deconv`` (one matmul over 3x3 neighbourhoods, four output phases) equals
+  ``lax.conv_transpose`` (stride 2, 4x4, SAME) in values and gradients, also vmapped over
+  stacked heads as the image heads run."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 5, 5, 6)), jnp.float32)
+  p = {
+    "kernel": jnp.asarray(rng.normal(size=(2, 4, 4, 6, 4)), jnp.float32),
+    "bias": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32),
+  }
+
+  def ref(x, p):
+    y = jax.lax.conv_transpose(x, p["kernel"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + p["bias"]
+
+  def loss(f):
+    return lambda x, p: jnp.sum(jnp.sin(jax.vmap(f, (None, 0))(x, p)))
+
+  got, want = jax.jit(jax.vmap(M._deconv, (None, 0)))(x, p), jax.vmap(ref, (None, 0))(x, p)
+  assert got.shape == (2, 3, 10, 10, 4)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  g_got = jax.jit(jax.grad(loss(M._deconv), (0, 1)))(x, p)
+  g_want = jax.grad(loss(ref), (0, 1))(x, p)
+  for a, b in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_head_kinds_run_only_for_batches_that_hold_their_tasks():
+  """A batch of classification examples leaves the image and text heads' outputs at zero
+  (their ``cond`` is not taken), and its class logits equal those the same examples get
+  in a batch where every head kind runs."""
+  cfg, model, frozen, params = make()
+  params = randomize(params)
+  cls_tasks = [
+    t for t, x in enumerate(TASKS) if x.kind in (TaskKind.IMAGE_CLASSIFICATION, TaskKind.TEXT_CLASSIFICATION)
+  ]
+  others = [t for t in range(len(TASKS)) if t not in cls_tasks]
+  apply = jax.jit(model.apply)
+  cls_batch = batch_for(cls_tasks)
+  mixed_batch = jax.tree_util.tree_map(
+    lambda a, b: jnp.concatenate([a, b]), cls_batch, batch_for(others, seed=1)
+  )
+  only_cls, mixed = apply(params, frozen, cls_batch), apply(params, frozen, mixed_batch)
+  assert not np.any(np.asarray(only_cls["image"])) and not np.any(np.asarray(only_cls["token_logits"]))
+  assert np.any(np.asarray(mixed["image"])) and np.any(np.asarray(mixed["token_logits"]))
+  n = len(cls_tasks)
+  np.testing.assert_allclose(only_cls["class_logits"], mixed["class_logits"][:n], rtol=1e-5, atol=1e-5)
