@@ -795,16 +795,6 @@ def _select(stacked, idx):
   return jnp.take_along_axis(stacked, idx.reshape((1, -1) + (1,) * (stacked.ndim - 2)), axis=0)[0]
 
 
-def _when(pred):
-  """``run(fn)``: ``fn()`` if the scalar bool ``pred``, else zeros of ``fn()``'s shapes."""
-
-  def run(fn):
-    zeros = lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn))
-    return jax.lax.cond(pred, fn, zeros)
-
-  return run
-
-
 def _stacked_heads(fn, heads, z, keys):
   """``fn(head, z, keys)`` for every head of one kind (``heads`` leaves ``[heads, ...]``):
   ``[heads, batch, ...]``, one traced head whatever the number of tasks. Head ``i`` draws
@@ -920,25 +910,17 @@ class TapModel:
     out = {}
     heads = params["head"]
     sel = lambda stacked: _select(stacked, jnp.asarray(head_of)[task])
-    # A head kind runs only when the batch holds an example of a task of that kind
-    # (``lax.cond``; under ``vmap`` both branches run); otherwise its output is zeros,
-    # which no loss, divergence or metric reads (they pick by task kind).
-    of_kind = lambda tasks: _when(jnp.any(jnp.isin(task, np.asarray(tasks, np.int32))))
     if cls:
-      logits = of_kind(cls)(
-        lambda: sel(_stacked_heads(lambda h, z_, k: _cls_head(h, z_, cfg, k), heads["cls"], z, keys.child(3)))
-      )
+      logits = sel(_stacked_heads(lambda h, z_, k: _cls_head(h, z_, cfg, k), heads["cls"], z, keys.child(3)))
       valid = jnp.arange(logits.shape[-1]) < jnp.asarray(num_classes)[task][:, None]
       out["class_logits"] = jnp.where(valid, logits, -1e9)
     if img:
-      out["image"] = of_kind(img)(
-        lambda: sel(_stacked_heads(lambda h, z_, k: _image_head(h, z_, cfg), heads["image"], z, _Keys(None)))
+      out["image"] = sel(
+        _stacked_heads(lambda h, z_, k: _image_head(h, z_, cfg), heads["image"], z, _Keys(None))
       )
     if txt:
-      out["token_logits"] = of_kind(txt)(
-        lambda: sel(
-          _stacked_heads(lambda h, z_, k: _text_head(h, z_, cfg, k), heads["text"], z, keys.child(4))
-        )
+      out["token_logits"] = sel(
+        _stacked_heads(lambda h, z_, k: _text_head(h, z_, cfg, k), heads["text"], z, keys.child(4))
       )
     if not with_latents:
       return out

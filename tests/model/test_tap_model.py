@@ -798,25 +798,3 @@ def test_deconv_equals_the_transposed_convolution_it_replaces():
   g_want = jax.grad(loss(ref), (0, 1))(x, p)
   for a, b in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-def test_head_kinds_run_only_for_batches_that_hold_their_tasks():
-  """A batch of classification examples leaves the image and text heads' outputs at zero
-  (their ``cond`` is not taken), and its class logits equal those the same examples get
-  in a batch where every head kind runs."""
-  cfg, model, frozen, params = make()
-  params = randomize(params)
-  cls_tasks = [
-    t for t, x in enumerate(TASKS) if x.kind in (TaskKind.IMAGE_CLASSIFICATION, TaskKind.TEXT_CLASSIFICATION)
-  ]
-  others = [t for t in range(len(TASKS)) if t not in cls_tasks]
-  apply = jax.jit(model.apply)
-  cls_batch = batch_for(cls_tasks)
-  mixed_batch = jax.tree_util.tree_map(
-    lambda a, b: jnp.concatenate([a, b]), cls_batch, batch_for(others, seed=1)
-  )
-  only_cls, mixed = apply(params, frozen, cls_batch), apply(params, frozen, mixed_batch)
-  assert not np.any(np.asarray(only_cls["image"])) and not np.any(np.asarray(only_cls["token_logits"]))
-  assert np.any(np.asarray(mixed["image"])) and np.any(np.asarray(mixed["token_logits"]))
-  n = len(cls_tasks)
-  np.testing.assert_allclose(only_cls["class_logits"], mixed["class_logits"][:n], rtol=1e-5, atol=1e-5)
